@@ -1,0 +1,34 @@
+# Two commands set everything up on a fresh machine:
+#   make demo   - create .venv, install, train on handwritten digits, test and predict
+#   make test   - create .venv, install, run the test suite
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+DIGITS := data/digits
+
+.PHONY: demo test install clean-demo
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+# Reinstall only when the package metadata changes.
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+test: install
+	$(BIN)/python -m pytest -q
+
+$(DIGITS):
+	$(BIN)/sedense digits $(DIGITS) --test-out $(DIGITS)-test
+
+demo: install $(DIGITS)
+	$(BIN)/sedense fit --config configs/digits.yaml
+	$(BIN)/sedense test --config configs/digits.yaml --ckpt_path best
+	$(BIN)/sedense predict --ckpt_path best --data.predict_root $(DIGITS)-test
+
+clean-demo:
+	rm -rf $(DIGITS) $(DIGITS)-test

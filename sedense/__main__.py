@@ -1,0 +1,3 @@
+from sedense.cli import main
+
+main()

@@ -1,0 +1,200 @@
+"""The ``sedense`` command: LightningCLI's fit/validate/test/predict, plus a few helper commands."""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from sedense.callbacks import PredictionWriter
+from sedense.data import ImageFolderDataModule, scan_dataset
+from sedense.errors import ConfigError, SedenseError
+from sedense.module import ImageClassifier
+
+CKPT_ALIASES = ("best", "last")
+# How a model sees its images is part of the model: these data options are taken from the
+# checkpoint whenever one is given to validate, test or predict.
+PREPROCESSING_KEYS = ("image_size", "eval_crop", "mean", "std")
+
+
+def find_checkpoint(alias: str, root_dir: str | Path = ".") -> Path:
+    """The newest run's best (or last) checkpoint under ``root_dir/lightning_logs``."""
+    runs = []
+    for ckpt_dir in Path(root_dir).glob("lightning_logs/version_*/checkpoints"):
+        match = re.fullmatch(r"version_(\d+)", ckpt_dir.parent.name)
+        if match:
+            runs.append((int(match.group(1)), ckpt_dir))
+    for _, ckpt_dir in sorted(runs, reverse=True):
+        found = sorted(ckpt_dir.glob("best*.ckpt")) if alias == "best" else [ckpt_dir / "last.ckpt"]
+        found = [p for p in found if p.is_file()]
+        if found:
+            return found[-1]
+    raise ConfigError(
+        f"--ckpt_path {alias}: no {alias} checkpoint under {Path(root_dir) / 'lightning_logs'}/version_*/checkpoints; "
+        "train one with `sedense fit` or give the checkpoint's path"
+    )
+
+
+def load_checkpoint_meta(path: str | Path) -> dict:
+    """A checkpoint's contents without unpickling arbitrary objects (tensors memory-mapped, not read)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # noqa: BLE001 - any failure means the same thing to the user
+        raise ConfigError(f"--ckpt_path {path}: not a readable checkpoint ({type(err).__name__}: {err})".split("\n")[0])
+
+
+class _DropTips(logging.Filter):
+    """Lightning advertises cloud services at start-up; the tips are noise in a local tool's output."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip")
+
+
+class SedenseCLI(LightningCLI):
+    """LightningCLI with sedense's callbacks, checkpoint aliases and classes taken from the data."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults(
+            {
+                "checkpoint.monitor": "val_acc",
+                "checkpoint.mode": "max",
+                "checkpoint.filename": "best-epoch={epoch:02d}-val_acc={val_acc:.4f}",
+                "checkpoint.auto_insert_metric_name": False,
+                "checkpoint.save_last": True,
+            }
+        )
+        parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
+        parser.set_defaults({"lr_monitor.logging_interval": "epoch"})
+        parser.add_lightning_class_args(PredictionWriter, "predict_writer")
+
+    def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
+        super().parse_arguments(parser, args)
+        sub = self.config.get("subcommand")
+        if not sub:
+            return
+        cfg = self.config[sub]
+        ckpt = cfg.get("ckpt_path")
+        if ckpt in CKPT_ALIASES:
+            cfg.ckpt_path = ckpt = str(find_checkpoint(ckpt, cfg.trainer.get("default_root_dir") or "."))
+        elif ckpt and not Path(ckpt).is_file():
+            raise ConfigError(f"--ckpt_path {ckpt}: no such file; give a .ckpt file, `best` or `last`")
+        if ckpt and sub != "fit":
+            data_hparams = load_checkpoint_meta(ckpt).get("datamodule_hyper_parameters") or {}
+            for key in PREPROCESSING_KEYS:
+                if key in data_hparams:
+                    cfg.data[key] = data_hparams[key]
+
+    def before_instantiate_classes(self) -> None:
+        cfg = self.config[self.subcommand]
+        from_checkpoint = bool(cfg.get("ckpt_path")) and bool(cfg.model.get("class_names"))
+        if not from_checkpoint and cfg.data.get("root"):
+            data = cfg.data
+            cfg.model.class_names = scan_dataset(Path(data.root), data.val_split, data.seed).class_names
+
+    def after_fit(self) -> None:
+        ckpt = self.trainer.checkpoint_callback
+        if self.trainer.is_global_zero and ckpt is not None and ckpt.best_model_path:
+            score = ckpt.best_model_score
+            print(f"Best checkpoint: {ckpt.best_model_path} ({ckpt.monitor}={float(score):.4f})")
+            print(f"Run directory: {self.trainer.log_dir}")
+
+
+def write_digits(out: Path, test_out: Path | None, holdout: float, size: int, seed: int) -> tuple[int, int]:
+    """Write scikit-learn's handwritten digits (1,797 8×8 images) as PNG folders, one per digit."""
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise SedenseError("the digits dataset comes with scikit-learn: pip install scikit-learn") from None
+    import random
+
+    import numpy as np
+    from PIL import Image
+
+    digits = load_digits()
+    by_class: dict[int, list[int]] = {}
+    for i, target in enumerate(digits.target):
+        by_class.setdefault(int(target), []).append(i)
+    rng = random.Random(seed)
+    n_train = n_test = 0
+    for target, indices in sorted(by_class.items()):
+        rng.shuffle(indices)
+        n_hold = int(round(len(indices) * holdout)) if test_out is not None else 0
+        for j, i in enumerate(indices):
+            folder = (test_out if j < n_hold else out) / str(target)
+            folder.mkdir(parents=True, exist_ok=True)
+            pixels = (digits.images[i] * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)
+            img = Image.fromarray(pixels, mode="L").resize((size, size), Image.Resampling.BICUBIC)
+            img.save(folder / f"digit_{i:04d}.png")
+            n_test += j < n_hold
+            n_train += j >= n_hold
+    return n_train, n_test
+
+
+def digits_command(argv: list[str]) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="sedense digits",
+        description="Write scikit-learn's handwritten digits as an image folder (one sub-folder per digit).",
+    )
+    parser.add_argument("out", nargs="?", default="data/digits", help="folder for the labelled images")
+    parser.add_argument("--test-out", default="data/digits-test", help="folder for the held-out test images")
+    parser.add_argument("--holdout", type=float, default=0.1, help="fraction of each digit held out for testing")
+    parser.add_argument("--size", type=int, default=32, help="side of the written images, in pixels")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the hold-out split")
+    args = parser.parse_args(argv)
+    if not 0 <= args.holdout < 1:
+        raise SedenseError(f"--holdout must be in [0, 1), got {args.holdout}")
+    out, test_out = Path(args.out), Path(args.test_out) if args.holdout > 0 else None
+    for folder in (out, test_out):
+        if folder is not None and folder.exists() and any(folder.iterdir()):
+            raise SedenseError(f"{folder} already exists and is not empty; remove it or choose another folder")
+    n_train, n_test = write_digits(out, test_out, args.holdout, args.size, args.seed)
+    print(f"Wrote {n_train} images to {out}" + (f" and {n_test} held-out images to {test_out}" if test_out else ""))
+
+
+COMMANDS = {"digits": digits_command}
+
+
+def cli_main(args: list[str] | None = None) -> SedenseCLI:
+    """Run LightningCLI in-process (``args`` as on the command line); returns the CLI object."""
+    warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=r".*The dirpath has changed from.*")
+    warnings.filterwarnings("ignore", message=r".*LeafSpec.*is deprecated.*")
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropTips())
+    return SedenseCLI(
+        ImageClassifier,
+        ImageFolderDataModule,
+        save_config_kwargs={"overwrite": True},
+        seed_everything_default=0,
+        parser_kwargs={"description": "sedense: train and run SE-DenseNet / DenseNet image classifiers."},
+        args=args,
+    )
+
+
+def main(args: list[str] | None = None) -> None:
+    """Entry point of the ``sedense`` command."""
+    argv = list(sys.argv[1:] if args is None else args)
+    try:
+        if argv and argv[0] in COMMANDS:
+            COMMANDS[argv[0]](argv[1:])
+        else:
+            cli_main(args)
+    except SedenseError as err:
+        print(f"sedense: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        print("sedense: interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,200 @@
+"""The LightningModule: a network, its loss, optimiser and schedule, and per-stage metrics."""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchmetrics.classification import MulticlassConfusionMatrix
+
+from sedense.errors import ConfigError
+from sedense.models import build_model
+
+
+class ImageClassifier(L.LightningModule):
+    """An image classifier: SE-DenseNet (or DenseNet), cross-entropy, cosine-decayed learning rate.
+
+    Args:
+        class_names: the classes, in index order. Filled in from the data (or the checkpoint);
+            saved with the weights so that a checkpoint alone can name its predictions.
+        arch: the network, a name from ``sedense.models.list_models()``.
+        growth_rate: override the preset's growth rate ``k``.
+        block_config: override the preset's number of layers per dense block.
+        num_init_features: override the preset's stem width.
+        compression: override the transition layers' compression.
+        bn_size: override the bottleneck width factor.
+        drop_rate: dropout after every dense layer.
+        small_inputs: override the stem: 3×3 stride 1 (small images) instead of the ImageNet stem.
+        memory_efficient: recompute dense-layer bottlenecks in backward to save activation memory.
+        se_reduction: SE channel reduction (16 in the source); 0 turns SE off.
+        optimizer: ``sgd`` (momentum, Nesterov), ``adam`` or ``adamw``.
+        lr: the initial learning rate (after warm-up).
+        lrf: the final learning rate is ``lr * lrf``, reached by cosine decay at the end of the run.
+        weight_decay: L2 penalty on weights (not on biases and norm parameters).
+        momentum: SGD momentum.
+        warmup_epochs: linear warm-up from ``lr / 100`` over this many epochs (fractions allowed).
+        label_smoothing: cross-entropy label smoothing.
+        class_weights: ``balanced`` weighs the training loss by inverse class frequency; or one
+            weight per class; ``None`` for none.
+    """
+
+    def __init__(
+        self,
+        class_names: list[str] | None = None,
+        arch: str = "se_densenet_bc100",
+        growth_rate: int | None = None,
+        block_config: list[int] | None = None,
+        num_init_features: int | None = None,
+        compression: float | None = None,
+        bn_size: int | None = None,
+        drop_rate: float | None = None,
+        small_inputs: bool | None = None,
+        memory_efficient: bool | None = None,
+        se_reduction: int | None = None,
+        optimizer: Literal["sgd", "adam", "adamw"] = "adamw",
+        lr: float = 1e-3,
+        lrf: float = 0.01,
+        weight_decay: float = 1e-4,
+        momentum: float = 0.9,
+        warmup_epochs: float = 0.0,
+        label_smoothing: float = 0.0,
+        class_weights: Literal["balanced"] | list[float] | None = None,
+    ) -> None:
+        super().__init__()
+        if not class_names:
+            raise ConfigError(
+                "the model has no classes: give data.root (a folder with one sub-folder per class) "
+                "or --ckpt_path with a sedense checkpoint"
+            )
+        if len(set(class_names)) != len(class_names):
+            raise ConfigError(f"class names must be unique, got {class_names}")
+        if lr <= 0 or not 0 < lrf <= 1:
+            raise ConfigError(f"model.lr must be > 0 and model.lrf in (0, 1], got lr={lr}, lrf={lrf}")
+        if isinstance(class_weights, list) and len(class_weights) != len(class_names):
+            raise ConfigError(
+                f"model.class_weights has {len(class_weights)} values for {len(class_names)} classes {list(class_names)}"
+            )
+        self.save_hyperparameters()
+        self.class_names = list(class_names)
+        try:
+            self.net = build_model(
+                arch,
+                num_classes=len(class_names),
+                growth_rate=growth_rate,
+                block_config=block_config,
+                num_init_features=num_init_features,
+                compression=compression,
+                bn_size=bn_size,
+                drop_rate=drop_rate,
+                small_inputs=small_inputs,
+                memory_efficient=memory_efficient,
+                se_reduction=se_reduction,
+            )
+        except ValueError as err:
+            raise ConfigError(f"model: {err}") from None
+        weight = torch.tensor(class_weights, dtype=torch.float32) if isinstance(class_weights, list) else None
+        self.register_buffer("class_weight", weight, persistent=False)
+        k = len(class_names)
+        self.train_cm = MulticlassConfusionMatrix(k)
+        self.val_cm = MulticlassConfusionMatrix(k)
+        self.test_cm = MulticlassConfusionMatrix(k)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+    # ----------------------------------------------------------------------------- set-up
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and self.hparams.class_weights == "balanced":
+            counts = torch.tensor(self.trainer.datamodule.class_counts(), dtype=torch.float32)
+            weight = counts.sum() / (len(counts) * counts.clamp(min=1))
+            self.class_weight = weight.to(self.device)
+
+    def on_train_start(self) -> None:
+        self.val_cm.reset()
+
+    # ----------------------------------------------------------------------------- steps
+    def training_step(self, batch, batch_idx: int) -> Tensor:
+        x, y = batch
+        logits = self(x)
+        loss = F.cross_entropy(logits, y, weight=self.class_weight, label_smoothing=self.hparams.label_smoothing)
+        self.train_cm.update(logits.argmax(1), y)
+        self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(y))
+        return loss
+
+    def _eval_step(self, batch, prefix: str) -> Tensor:
+        x, y = batch
+        logits = self(x)
+        loss = F.cross_entropy(logits, y)
+        getattr(self, f"{prefix}_cm").update(logits.argmax(1), y)
+        self.log(f"{prefix}_loss", loss, on_epoch=True, prog_bar=prefix == "val", batch_size=len(y), sync_dist=True)
+        return loss
+
+    def validation_step(self, batch, batch_idx: int) -> Tensor:
+        return self._eval_step(batch, "val")
+
+    def test_step(self, batch, batch_idx: int) -> Tensor:
+        return self._eval_step(batch, "test")
+
+    def predict_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
+        x, _ = batch
+        return self(x).float().softmax(dim=1)
+
+    def _log_epoch_accuracy(self, prefix: str) -> None:
+        cm = getattr(self, f"{prefix}_cm")
+        matrix = cm.compute()
+        self.log(f"{prefix}_acc", matrix.trace().float() / matrix.sum().clamp(min=1), prog_bar=prefix != "train")
+        self.confusion = {**getattr(self, "confusion", {}), prefix: matrix.cpu()}
+        cm.reset()
+
+    def on_train_epoch_end(self) -> None:
+        self._log_epoch_accuracy("train")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_epoch_accuracy("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_epoch_accuracy("test")
+
+    # ----------------------------------------------------------------------------- optimisation
+    def configure_optimizers(self):
+        hp = self.hparams
+        params = [p for p in self.parameters() if p.requires_grad]
+        decay = [p for p in params if p.ndim > 1]
+        no_decay = [p for p in params if p.ndim <= 1]
+        groups = [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        if hp.optimizer == "sgd":
+            opt = torch.optim.SGD(groups, lr=hp.lr, momentum=hp.momentum, nesterov=hp.momentum > 0)
+        elif hp.optimizer == "adam":
+            opt = torch.optim.Adam(groups, lr=hp.lr)
+        elif hp.optimizer == "adamw":
+            opt = torch.optim.AdamW(groups, lr=hp.lr)
+        else:
+            raise ConfigError(f"model.optimizer must be sgd, adam or adamw, got {hp.optimizer!r}")
+        total = self.trainer.estimated_stepping_batches
+        if not math.isfinite(total) or total <= 0:
+            return opt
+        total = int(total)
+        epochs = max(self.trainer.max_epochs or 1, 1)
+        warmup = min(int(round(hp.warmup_epochs * total / epochs)), total - 1) if hp.warmup_epochs > 0 else 0
+        scheduler = torch.optim.lr_scheduler.LambdaLR(opt, cosine_schedule(total, warmup, hp.lrf))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def cosine_schedule(total_steps: int, warmup_steps: int, lrf: float):
+    """Learning-rate factor per step: linear warm-up from 0.01, then cosine decay from 1 to ``lrf``."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return 0.01 + 0.99 * step / warmup_steps
+        t = min((step - warmup_steps) / max(total_steps - warmup_steps, 1), 1.0)
+        return lrf + (1 - lrf) * 0.5 * (1 + math.cos(math.pi * t))
+
+    return factor
