@@ -16,6 +16,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from sedense.callbacks import PredictionWriter
 from sedense.data import ImageFolderDataModule, scan_dataset
 from sedense.errors import ConfigError, SedenseError
+from sedense.models.pretrained import official_weights
 from sedense.module import ImageClassifier
 
 CKPT_ALIASES = ("best", "last")
@@ -68,7 +69,17 @@ class SedenseCLI(LightningCLI):
                 "checkpoint.mode": "max",
                 "checkpoint.filename": "best-epoch={epoch:02d}-val_acc={val_acc:.4f}",
                 "checkpoint.auto_insert_metric_name": False,
-                "checkpoint.save_last": True,
+            }
+        )
+        # `last.ckpt` is its own callback: ModelCheckpoint's `save_last` refreshes it only on epochs
+        # that also save a new best, which would leave a stale file to resume from.
+        parser.add_lightning_class_args(ModelCheckpoint, "last_checkpoint")
+        parser.set_defaults(
+            {
+                "last_checkpoint.filename": "last",
+                "last_checkpoint.monitor": None,
+                "last_checkpoint.save_top_k": 1,
+                "last_checkpoint.enable_version_counter": False,
             }
         )
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
@@ -98,6 +109,11 @@ class SedenseCLI(LightningCLI):
         if not from_checkpoint and cfg.data.get("root"):
             data = cfg.data
             cfg.model.class_names = scan_dataset(Path(data.root), data.val_split, data.seed).class_names
+        if not from_checkpoint and cfg.model.get("pretrained"):
+            # Pretrained weights come with their own preprocessing (normalisation, crop ratio).
+            preprocess = official_weights(cfg.model.arch).transforms()
+            cfg.data.mean, cfg.data.std = tuple(preprocess.mean), tuple(preprocess.std)
+            cfg.data.eval_crop = preprocess.crop_size[0] / preprocess.resize_size[0]
 
     def after_fit(self) -> None:
         ckpt = self.trainer.checkpoint_callback

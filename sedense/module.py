@@ -9,10 +9,13 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics.classification import MulticlassConfusionMatrix
 
+from sedense.callbacks import FreezeBackbone
 from sedense.errors import ConfigError
 from sedense.models import build_model
+from sedense.models.pretrained import load_backbone, load_official_state_dict, load_weights_file
 
 
 class ImageClassifier(L.LightningModule):
@@ -21,7 +24,17 @@ class ImageClassifier(L.LightningModule):
     Args:
         class_names: the classes, in index order. Filled in from the data (or the checkpoint);
             saved with the weights so that a checkpoint alone can name its predictions.
-        arch: the network, a name from ``sedense.models.list_models()``.
+        arch: the network, a name from ``sedense.models.list_models()``: an SE-DenseNet preset
+            or torchvision's ``densenet121``/``161``/``169``/``201``.
+        pretrained: start from torchvision's official ImageNet weights (``DEFAULT``) of the
+            DenseNet of that depth; for SE-DenseNets every shared layer is loaded, SE blocks and
+            the head start fresh. Looked up in ``$TORCH_HOME/hub/checkpoints`` first.
+        weights: start from a local file instead: a torchvision state dict or a sedense checkpoint
+            (whose head is kept if it has the same classes).
+        freeze: train only the new head; the feature extractor keeps its weights and BatchNorm
+            statistics.
+        unfreeze_at_epoch: with ``freeze``, train the whole network from this epoch on.
+        backbone_lr_factor: the unfrozen feature extractor learns at ``lr * backbone_lr_factor``.
         growth_rate: override the preset's growth rate ``k``.
         block_config: override the preset's number of layers per dense block.
         num_init_features: override the preset's stem width.
@@ -46,6 +59,11 @@ class ImageClassifier(L.LightningModule):
         self,
         class_names: list[str] | None = None,
         arch: str = "se_densenet_bc100",
+        pretrained: bool = False,
+        weights: str | None = None,
+        freeze: bool = False,
+        unfreeze_at_epoch: int | None = None,
+        backbone_lr_factor: float = 0.1,
         growth_rate: int | None = None,
         block_config: list[int] | None = None,
         num_init_features: int | None = None,
@@ -78,8 +96,13 @@ class ImageClassifier(L.LightningModule):
             raise ConfigError(
                 f"model.class_weights has {len(class_weights)} values for {len(class_names)} classes {list(class_names)}"
             )
+        if pretrained and weights:
+            raise ConfigError("give model.pretrained or model.weights, not both")
+        if unfreeze_at_epoch is not None and not freeze:
+            raise ConfigError("model.unfreeze_at_epoch needs model.freeze: true")
         self.save_hyperparameters()
         self.class_names = list(class_names)
+        self._weights_loaded = False
         try:
             self.net = build_model(
                 arch,
@@ -111,7 +134,30 @@ class ImageClassifier(L.LightningModule):
         return self.net(x)
 
     # ----------------------------------------------------------------------------- set-up
+    def load_initial_weights(self) -> None:
+        """Load ``pretrained`` or ``weights`` into the network (the head stays fresh unless it fits)."""
+        hp = self.hparams
+        if hp.pretrained:
+            state, source = load_official_state_dict(hp.arch), f"torchvision's {hp.arch} weights"
+            load_head = False
+        elif hp.weights:
+            state, classes = load_weights_file(hp.weights)
+            source, load_head = hp.weights, classes == self.class_names
+        else:
+            return
+        n = load_backbone(self.net, state, source, load_head=load_head)
+        rank_zero_info(f"Loaded {n} tensors from {source}" + ("" if load_head else "; the classifier starts fresh"))
+
+    def configure_callbacks(self):
+        if self.hparams.freeze:
+            return [FreezeBackbone(self.hparams.unfreeze_at_epoch, self.hparams.backbone_lr_factor)]
+        return []
+
     def setup(self, stage: str) -> None:
+        # Initial weights matter only when no checkpoint is restored over them.
+        if not self._weights_loaded and self.trainer.ckpt_path is None:
+            self.load_initial_weights()
+        self._weights_loaded = True
         if stage == "fit" and self.hparams.class_weights == "balanced":
             counts = torch.tensor(self.trainer.datamodule.class_counts(), dtype=torch.float32)
             weight = counts.sum() / (len(counts) * counts.clamp(min=1))
@@ -119,6 +165,11 @@ class ImageClassifier(L.LightningModule):
 
     def on_train_start(self) -> None:
         self.val_cm.reset()
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in self.parameters())
+        rank_zero_info(f"Training {trainable:,} of {total:,} parameters")
+        for logger in self.loggers:
+            logger.log_metrics({"trainable_params": trainable}, step=0)
 
     # ----------------------------------------------------------------------------- steps
     def training_step(self, batch, batch_idx: int) -> Tensor:

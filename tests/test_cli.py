@@ -39,6 +39,8 @@ def test_fit_test_predict_round_trip(tmp_path):
     assert len(rows) == 36 and Counter_of(rows, "subset") == {"train": 30, "val": 6}
     assert any(p.name.startswith("events.out.tfevents") for p in run.iterdir())
 
+    last = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert last["epoch"] == 2  # refreshed every epoch, not only when a new best is saved
     ckpt = torch.load(run / "checkpoints" / best[0], map_location="cpu", weights_only=True)
     assert ckpt["hyper_parameters"]["class_names"] == ["cardboard", "glass", "metal"]
 

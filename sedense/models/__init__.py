@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import torchvision
 from torch import nn
 
 from sedense.models.se_densenet import SEDenseNet, SEModule, se_hidden_channels
 
-__all__ = ["PRESETS", "SEDenseNet", "SEModule", "build_model", "list_models", "se_hidden_channels"]
+__all__ = ["PRESETS", "TORCHVISION", "SEDenseNet", "SEModule", "build_model", "list_models", "se_hidden_channels"]
 
 # Each preset is a set of SEDenseNet constructor arguments; any of them can be overridden.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -22,9 +23,20 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+# torchvision's DenseNets, for fine-tuning their official ImageNet weights.
+TORCHVISION = {
+    "densenet121": torchvision.models.densenet121,
+    "densenet161": torchvision.models.densenet161,
+    "densenet169": torchvision.models.densenet169,
+    "densenet201": torchvision.models.densenet201,
+}
+# The SEDenseNet arguments a torchvision DenseNet also takes.
+_TORCHVISION_KWARGS = ("drop_rate", "memory_efficient")
+
+
 def list_models() -> list[str]:
     """The names ``build_model`` accepts."""
-    return sorted(PRESETS)
+    return sorted(PRESETS) + sorted(TORCHVISION)
 
 
 def build_model(arch: str, num_classes: int, **overrides: Any) -> nn.Module:
@@ -36,9 +48,15 @@ def build_model(arch: str, num_classes: int, **overrides: Any) -> nn.Module:
         **overrides: constructor arguments that replace the preset's (``growth_rate``,
             ``block_config``, ``memory_efficient``, ...); ``None`` values are ignored.
     """
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if arch in TORCHVISION:
+        unsupported = sorted(set(overrides) - set(_TORCHVISION_KWARGS))
+        if unsupported:
+            raise ValueError(f"{arch} is torchvision's fixed architecture; it does not take {', '.join(unsupported)}")
+        return TORCHVISION[arch](num_classes=num_classes, **overrides)
     if arch not in PRESETS:
         raise ValueError(f"unknown model.arch {arch!r}; choose one of: {', '.join(list_models())}")
-    kwargs = {**PRESETS[arch], **{k: v for k, v in overrides.items() if v is not None}}
+    kwargs = {**PRESETS[arch], **overrides}
     if "block_config" in kwargs:
         kwargs["block_config"] = tuple(kwargs["block_config"])
     return SEDenseNet(num_classes=num_classes, **kwargs)
