@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import json
+import shutil
 from pathlib import Path
 
 import lightning as L
@@ -93,3 +95,254 @@ class FreezeBackbone(BaseFinetuning):
             if scheduler.optimizer is optimizer and hasattr(scheduler, "lr_lambdas"):
                 scheduler.lr_lambdas.append(scheduler.lr_lambdas[0])
                 scheduler.base_lrs.append(scheduler.base_lrs[0] * self.backbone_lr_factor)
+
+
+class ReportWriter(L.Callback):
+    """The run's reports: per-epoch metrics in the source's JSON shape, curves, confusion matrices.
+
+    During ``fit`` it writes, in the run directory: ``metrics.json`` (``"epoch:N"`` → ``"train
+    info"`` / ``"valid info"``: accuracy, per-class Precision, Recall, Specificity, F1 score and
+    their means), ``results.csv`` and ``results.png`` (losses, accuracies, mean F1, learning rate),
+    ``confusion_matrix_{train,val}.{png,csv}`` for the last epoch and ``best_confusion_matrix_*``
+    for the best one, and ``train_batch.png`` (a training batch as the model sees it). ``validate``
+    and ``test`` write ``metrics_{val,test}.json``, ``confusion_matrix_{val,test}.*`` and
+    ``worst_{val,test}.png`` (the most confidently wrong images), and print a per-class table.
+    Metrics come from torchmetrics confusion matrices, synchronised across processes.
+
+    Args:
+        worst_images: how many misclassified images the validate/test grid shows.
+        preview_images: how many training images ``train_batch.png`` shows.
+    """
+
+    def __init__(self, worst_images: int = 16, preview_images: int = 16) -> None:
+        self.worst_images = worst_images
+        self.preview_images = preview_images
+        self.history: dict[str, dict] = {}
+        self.rows: list[dict] = []
+        self.best_acc: float | None = None
+        self._val_matrix = None
+        self._preview_done = False
+        self._reset_sums()
+
+    def _reset_sums(self, *stages: str) -> None:
+        if not stages:
+            self._sums = {s: [0.0, 0] for s in ("train", "val", "test")}
+            self._worst: list = []
+        for stage in stages:
+            self._sums[stage] = [0.0, 0]
+            if stage != "train":
+                self._worst = []
+
+    # ----------------------------------------------------------------------------- helpers
+    @staticmethod
+    def _matrix(metric) -> "np.ndarray":
+        return metric.compute().cpu().numpy()  # compute() synchronises across processes
+
+    def _mean_loss(self, trainer: L.Trainer, stage: str) -> float | None:
+        total, count = self._sums[stage]
+        stats = torch.tensor([total, count], dtype=torch.float64, device=trainer.strategy.root_device)
+        stats = trainer.strategy.reduce(stats, reduce_op="sum")
+        return float(stats[0] / stats[1]) if stats[1] > 0 else None
+
+    def _add_loss(self, stage: str, outputs, batch) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        if loss is None:
+            return
+        n = len(batch[1])
+        self._sums[stage][0] += float(loss.detach()) * n
+        self._sums[stage][1] += n
+
+    @staticmethod
+    def _tensorboard(trainer: L.Trainer):
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                return logger.experiment
+        return None
+
+    def _norm_stats(self, trainer: L.Trainer):
+        hp = trainer.datamodule.hparams
+        return hp.mean, hp.std
+
+    def _write_matrix(self, trainer, matrix, names, stem: str, title: str, step: int | None = None) -> list[Path]:
+        from sedense import reports
+
+        folder = run_dir(trainer)
+        png, csv_path = folder / f"{stem}.png", folder / f"{stem}.csv"
+        reports.write_matrix_csv(csv_path, matrix, names)
+        reports.save_figure(reports.confusion_figure(matrix, names, title), png)
+        writer = self._tensorboard(trainer)
+        if writer is not None and step is not None:
+            writer.add_figure(stem, reports.confusion_figure(matrix, names, title), global_step=step)
+        return [png, csv_path]
+
+    # ----------------------------------------------------------------------------- fit
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.history, self.rows, self.best_acc, self._preview_done = {}, [], None, False
+        path = run_dir(trainer) / "metrics.json"
+        if path.is_file():  # resumed in the same run directory: keep the epochs already done
+            done = json.loads(path.read_text(encoding="utf-8"))
+            self.history = {k: v for k, v in done.items() if int(k.split(":")[1]) < trainer.current_epoch}
+            self.best_acc = max((v["valid info"]["accuracy"] for v in self.history.values()), default=None)
+            results = run_dir(trainer) / "results.csv"
+            if results.is_file():
+                with open(results, newline="", encoding="utf-8") as f:
+                    self.rows = [
+                        {k: (float(v) if v not in ("", None) else None) for k, v in row.items()}
+                        for row in csv.DictReader(f) if int(float(row["epoch"])) < trainer.current_epoch
+                    ]
+                    for row in self.rows:
+                        row["epoch"] = int(row["epoch"])
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._reset_sums("train")
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        if self._preview_done or not trainer.is_global_zero:
+            return
+        self._preview_done = True
+        from sedense import reports
+
+        x, y = batch
+        n = min(self.preview_images, len(y))
+        images = reports.denormalize(x[:n], *self._norm_stats(trainer))
+        titles = [pl_module.class_names[int(t)] for t in y[:n]]
+        reports.save_figure(reports.image_grid_figure(images, titles), run_dir(trainer) / "train_batch.png")
+        writer = self._tensorboard(trainer)
+        if writer is not None:
+            writer.add_images("train_batch", images, global_step=trainer.global_step, dataformats="NHWC")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        self._add_loss("train", outputs, batch)
+
+    def on_validation_epoch_start(self, trainer, pl_module) -> None:
+        self._reset_sums("val")
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if trainer.sanity_checking:
+            return
+        self._add_loss("val", outputs, batch)
+        if trainer.state.fn == "validate":
+            self._track_worst(outputs, batch)
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking:
+            return
+        self._val_matrix = self._matrix(pl_module.val_cm)
+        from sedense import reports
+
+        metrics = reports.class_metrics(self._val_matrix, pl_module.class_names)
+        pl_module.log("val_mean_f1", metrics["mean f1 score"])
+        for name in pl_module.class_names:
+            pl_module.log(f"val_f1/{name}", metrics[name]["F1 score"])
+        if trainer.state.fn == "validate":
+            self._evaluation_report(trainer, pl_module, "val", self._val_matrix)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        from sedense import reports
+
+        names = pl_module.class_names
+        train_matrix = self._matrix(pl_module.train_cm)
+        train_loss = self._mean_loss(trainer, "train")
+        val_loss = self._mean_loss(trainer, "val")
+        if not trainer.is_global_zero:
+            return
+        epoch = trainer.current_epoch
+        train_info = reports.class_metrics(train_matrix, names)
+        entry = {"train info": train_info}
+        val_info = None
+        if self._val_matrix is not None:
+            val_info = reports.class_metrics(self._val_matrix, names)
+            entry["valid info"] = val_info
+        self.history[f"epoch:{epoch}"] = entry
+        folder = run_dir(trainer)
+        reports.write_json(folder / "metrics.json", self.history)
+
+        lr = trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else None
+        self.rows.append({
+            "epoch": epoch,
+            "train_loss": train_loss,
+            "train_acc": train_info["accuracy"],
+            "train_mean_f1": train_info["mean f1 score"],
+            "val_loss": val_loss if val_info else None,
+            "val_acc": val_info["accuracy"] if val_info else None,
+            "val_mean_f1": val_info["mean f1 score"] if val_info else None,
+            "lr": lr,
+        })
+        text = ",".join(self.rows[0]) + "\n" + "".join(
+            ",".join("" if v is None else f"{v:.6g}" for v in row.values()) + "\n" for row in self.rows
+        )
+        reports.write_atomic(folder / "results.csv", text)
+        reports.save_figure(reports.results_figure(self.rows), folder / "results.png")
+
+        self._write_matrix(trainer, train_matrix, names, "confusion_matrix_train", f"train, epoch {epoch}", epoch)
+        if self._val_matrix is None:
+            return
+        self._write_matrix(trainer, self._val_matrix, names, "confusion_matrix_val", f"val, epoch {epoch}", epoch)
+        if self.best_acc is None or val_info["accuracy"] > self.best_acc:
+            self.best_acc = val_info["accuracy"]
+            for stage in ("train", "val"):
+                for ext in ("png", "csv"):
+                    shutil.copyfile(folder / f"confusion_matrix_{stage}.{ext}", folder / f"best_confusion_matrix_{stage}.{ext}")
+        self._val_matrix = None
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero or not self.history:
+            return
+        best = max(
+            (v for v in self.history.values() if "valid info" in v),
+            key=lambda v: v["valid info"]["accuracy"],
+            default=None,
+        )
+        if best is None:
+            return
+        final = {"hp/best_val_acc": best["valid info"]["accuracy"], "hp/best_val_mean_f1": best["valid info"]["mean f1 score"]}
+        for logger in trainer.loggers:
+            logger.log_hyperparams(dict(pl_module.hparams), metrics=final)
+
+    # ----------------------------------------------------------------------------- validate / test
+    def on_test_epoch_start(self, trainer, pl_module) -> None:
+        self._reset_sums("test")
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._add_loss("test", outputs, batch)
+        self._track_worst(outputs, batch)
+
+    def on_test_epoch_end(self, trainer, pl_module) -> None:
+        self._evaluation_report(trainer, pl_module, "test", self._matrix(pl_module.test_cm))
+
+    def _track_worst(self, outputs, batch) -> None:
+        if not isinstance(outputs, dict) or "logits" not in outputs or self.worst_images < 1:
+            return
+        x, y = batch
+        logits = outputs["logits"].float()
+        losses = torch.nn.functional.cross_entropy(logits, y, reduction="none")
+        probs = logits.softmax(1)
+        wrong = (logits.argmax(1) != y).nonzero().flatten().tolist()
+        for i in wrong:
+            self._worst.append((float(losses[i]), x[i].detach().cpu(), int(y[i]), int(probs[i].argmax()), float(probs[i].max())))
+        self._worst = sorted(self._worst, key=lambda w: -w[0])[: self.worst_images]
+
+    def _evaluation_report(self, trainer, pl_module, stage: str, matrix) -> None:
+        if not trainer.is_global_zero:
+            return
+        from sedense import reports
+
+        names = pl_module.class_names
+        folder = run_dir(trainer)
+        metrics = reports.class_metrics(matrix, names)
+        loss = self._sums[stage][0] / max(self._sums[stage][1], 1)
+        label = "valid info" if stage == "val" else "test info"
+        report = {"checkpoint": trainer.ckpt_path, "images": int(matrix.sum()), "loss": loss, label: metrics}
+        written = [folder / f"metrics_{stage}.json"]
+        reports.write_json(written[0], report)
+        written += self._write_matrix(trainer, matrix, names, f"confusion_matrix_{stage}", stage)
+        if self._worst:
+            images = reports.denormalize(torch.stack([w[1] for w in self._worst]), *self._norm_stats(trainer))
+            titles = [f"true {names[w[2]]}\npred {names[w[3]]} {w[4]:.2f}" for w in self._worst]
+            written.append(folder / f"worst_{stage}.png")
+            reports.save_figure(reports.image_grid_figure(images, titles, columns=4), written[-1])
+        support = matrix.sum(1).astype(int).tolist()
+        print(f"\n{stage} set: {int(matrix.sum())} images\n" + reports.format_report(metrics, names, support))
+        print("Wrote " + ", ".join(str(p) for p in written))

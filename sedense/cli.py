@@ -13,7 +13,7 @@ import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from sedense.callbacks import PredictionWriter
+from sedense.callbacks import PredictionWriter, ReportWriter
 from sedense.data import ImageFolderDataModule, scan_dataset
 from sedense.errors import ConfigError, SedenseError
 from sedense.models.pretrained import official_weights
@@ -85,6 +85,7 @@ class SedenseCLI(LightningCLI):
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
         parser.set_defaults({"lr_monitor.logging_interval": "epoch"})
         parser.add_lightning_class_args(PredictionWriter, "predict_writer")
+        parser.add_lightning_class_args(ReportWriter, "reports")
 
     def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
         super().parse_arguments(parser, args)

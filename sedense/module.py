@@ -180,18 +180,18 @@ class ImageClassifier(L.LightningModule):
         self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(y))
         return loss
 
-    def _eval_step(self, batch, prefix: str) -> Tensor:
+    def _eval_step(self, batch, prefix: str) -> dict:
         x, y = batch
         logits = self(x)
         loss = F.cross_entropy(logits, y)
         getattr(self, f"{prefix}_cm").update(logits.argmax(1), y)
         self.log(f"{prefix}_loss", loss, on_epoch=True, prog_bar=prefix == "val", batch_size=len(y), sync_dist=True)
-        return loss
+        return {"loss": loss, "logits": logits.detach()}
 
-    def validation_step(self, batch, batch_idx: int) -> Tensor:
+    def validation_step(self, batch, batch_idx: int) -> dict:
         return self._eval_step(batch, "val")
 
-    def test_step(self, batch, batch_idx: int) -> Tensor:
+    def test_step(self, batch, batch_idx: int) -> dict:
         return self._eval_step(batch, "test")
 
     def predict_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> Tensor:

@@ -1,0 +1,178 @@
+"""Per-class metrics from a confusion matrix, in the source's JSON shape, and the report pictures."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+MEAN_KEYS = ("mean precision", "mean recall", "mean specificity", "mean f1 score")
+
+
+def _safe_div(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    """``num / den`` with 0 where ``den`` is 0 (a class never predicted has precision 0, not NaN)."""
+    return np.divide(num, den, out=np.zeros_like(num, dtype=np.float64), where=den > 0)
+
+
+def class_metrics(matrix: np.ndarray | Sequence, class_names: Sequence[str]) -> dict:
+    """Accuracy, per-class Precision / Recall / Specificity / F1 and their (macro) means.
+
+    ``matrix[i, j]`` counts images of true class ``i`` predicted as ``j``. The result has the
+    source's shape: ``{"accuracy": .., "<class>": {"Precision": .., ...}, "mean precision": ..}``.
+    """
+    cm = np.asarray(matrix, dtype=np.float64)
+    tp = np.diag(cm)
+    fp = cm.sum(0) - tp
+    fn = cm.sum(1) - tp
+    tn = cm.sum() - tp - fp - fn
+    precision, recall, specificity = _safe_div(tp, tp + fp), _safe_div(tp, tp + fn), _safe_div(tn, tn + fp)
+    f1 = _safe_div(2 * precision * recall, precision + recall)
+    out: dict = {"accuracy": float(tp.sum() / cm.sum()) if cm.sum() > 0 else 0.0}
+    for i, name in enumerate(class_names):
+        out[name] = {
+            "Precision": float(precision[i]),
+            "Recall": float(recall[i]),
+            "Specificity": float(specificity[i]),
+            "F1 score": float(f1[i]),
+        }
+    for key, values in zip(MEAN_KEYS, (precision, recall, specificity, f1)):
+        out[key] = float(values.mean())
+    return out
+
+
+def format_report(metrics: dict, class_names: Sequence[str], support: Sequence[int]) -> str:
+    """A table like scikit-learn's ``classification_report``, with specificity."""
+    width = max(12, *(len(n) for n in class_names))
+    head = f"{'':>{width}}  precision     recall  specificity   f1-score    support"
+    lines = [head, ""]
+    for name, n in zip(class_names, support):
+        m = metrics[name]
+        lines.append(
+            f"{name:>{width}}  {m['Precision']:9.4f}  {m['Recall']:9.4f}  {m['Specificity']:11.4f}"
+            f"  {m['F1 score']:9.4f}  {n:9d}"
+        )
+    total = int(sum(support))
+    lines += [
+        "",
+        f"{'accuracy':>{width}}  {'':9}  {'':9}  {'':11}  {metrics['accuracy']:9.4f}  {total:9d}",
+        f"{'macro avg':>{width}}  {metrics['mean precision']:9.4f}  {metrics['mean recall']:9.4f}"
+        f"  {metrics['mean specificity']:11.4f}  {metrics['mean f1 score']:9.4f}  {total:9d}",
+    ]
+    return "\n".join(lines)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file, so a kill never leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, data: dict) -> None:
+    write_atomic(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
+def write_matrix_csv(path: Path, matrix: np.ndarray, class_names: Sequence[str]) -> None:
+    """Counts with a header row of predicted classes and a first column of true classes."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["true \\ predicted", *class_names])
+        for name, row in zip(class_names, np.asarray(matrix).astype(int)):
+            writer.writerow([name, *row.tolist()])
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)  # headless: no display needed
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def confusion_figure(matrix: np.ndarray, class_names: Sequence[str], title: str):
+    """Counts and the row-normalised matrix (recall on the diagonal), side by side."""
+    plt = _pyplot()
+    cm = np.asarray(matrix, dtype=np.float64)
+    norm = _safe_div(cm, cm.sum(1, keepdims=True).repeat(cm.shape[1], 1))
+    k = len(class_names)
+    side = max(4.0, 0.6 * k + 2)
+    fig, axes = plt.subplots(1, 2, figsize=(2 * side + 1, side))
+    for ax, data, label, fmt in ((axes[0], cm, "counts", "{:.0f}"), (axes[1], norm, "row-normalised", "{:.2f}")):
+        im = ax.imshow(data, cmap="Blues", vmin=0, vmax=max(data.max(), 1e-9))
+        ax.set_xticks(range(k), class_names, rotation=45, ha="right")
+        ax.set_yticks(range(k), class_names)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        ax.set_title(f"{title} ({label})")
+        if k <= 30:
+            for i in range(k):
+                for j in range(k):
+                    colour = "white" if data[i, j] > 0.5 * data.max() else "black"
+                    ax.text(j, i, fmt.format(data[i, j]), ha="center", va="center", color=colour, fontsize=8)
+        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    fig.tight_layout()
+    return fig
+
+
+def image_grid_figure(images: np.ndarray, titles: Sequence[str], columns: int = 8):
+    """A grid of HWC float images in [0, 1], each with a title."""
+    plt = _pyplot()
+    n = len(images)
+    columns = min(columns, n) or 1
+    rows = (n + columns - 1) // columns
+    fig, axes = plt.subplots(rows, columns, figsize=(1.8 * columns, 2.0 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, img, title in zip(axes.flat, images, titles):
+        ax.imshow(np.clip(img, 0, 1))
+        ax.set_title(title, fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def results_figure(rows: Sequence[dict]):
+    """Loss, accuracy and learning-rate curves per epoch, train and val."""
+    plt = _pyplot()
+    epochs = [r["epoch"] for r in rows]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for ax, keys, title in (
+        (axes[0], ("train_loss", "val_loss"), "loss"),
+        (axes[1], ("train_acc", "val_acc", "val_mean_f1"), "accuracy"),
+        (axes[2], ("lr",), "learning rate"),
+    ):
+        for key in keys:
+            values = [r.get(key) for r in rows]
+            if any(v is not None for v in values):
+                ax.plot(epochs, [np.nan if v is None else v for v in values], marker="o", label=key)
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def save_figure(fig, path: Path) -> None:
+    plt = _pyplot()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def denormalize(batch, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """NCHW normalised tensors back to NHWC images in [0, 1]."""
+    import torch
+
+    mean_t = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+    images = batch.detach().float().cpu() * std_t + mean_t
+    return images.clamp(0, 1).permute(0, 2, 3, 1).numpy()

@@ -1,0 +1,153 @@
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+from torchmetrics.classification import MulticlassConfusionMatrix
+
+from conftest import TINY, make_folder, run_sedense
+from sedense.reports import class_metrics, format_report
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def sklearn_metrics(y_true, y_pred, names):
+    """The reference: scikit-learn's precision/recall/F1 and specificity = TN / (TN + FP)."""
+    labels = list(range(len(names)))
+    p, r, f, _ = precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
+    cm = confusion_matrix(y_true, y_pred, labels=labels)
+    fp = cm.sum(0) - np.diag(cm)
+    tn = cm.sum() - cm.sum(0) - cm.sum(1) + np.diag(cm)
+    spec = tn / (tn + fp)
+    return cm, p, r, f, spec
+
+
+def assert_matches(metrics, y_true, y_pred, names, tol=1e-4):
+    cm, p, r, f, spec = sklearn_metrics(y_true, y_pred, names)
+    assert metrics["accuracy"] == pytest.approx(np.mean(np.array(y_true) == np.array(y_pred)), abs=tol)
+    for i, name in enumerate(names):
+        got = metrics[name]
+        assert got["Precision"] == pytest.approx(p[i], abs=tol), name
+        assert got["Recall"] == pytest.approx(r[i], abs=tol), name
+        assert got["F1 score"] == pytest.approx(f[i], abs=tol), name
+        assert got["Specificity"] == pytest.approx(spec[i], abs=tol), name
+    assert metrics["mean precision"] == pytest.approx(p.mean(), abs=tol)
+    assert metrics["mean recall"] == pytest.approx(r.mean(), abs=tol)
+    assert metrics["mean f1 score"] == pytest.approx(f.mean(), abs=tol)
+    assert metrics["mean specificity"] == pytest.approx(spec.mean(), abs=tol)
+    return cm
+
+
+def test_metrics_equal_scikit_learn_on_imbalanced_data_with_a_class_never_predicted():
+    rng = np.random.default_rng(0)
+    names = ["battery", "can", "bottle", "paper"]
+    y_true = np.repeat([0, 1, 2, 3], [50, 20, 5, 25])
+    y_pred = np.where(rng.random(100) < 0.7, y_true, rng.integers(0, 4, 100))
+    y_pred[y_pred == 2] = 1  # "bottle" is never predicted: precision 0, not NaN
+    matrix = MulticlassConfusionMatrix(4)(torch.tensor(y_pred), torch.tensor(y_true)).numpy()
+    metrics = class_metrics(matrix, names)
+    cm = assert_matches(metrics, y_true, y_pred, names, tol=1e-12)
+    np.testing.assert_array_equal(matrix, cm)
+    assert metrics["bottle"]["Precision"] == 0.0 and metrics["bottle"]["F1 score"] == 0.0
+    json.dumps(metrics, allow_nan=False)  # valid JSON: no NaN anywhere
+    table = format_report(metrics, names, cm.sum(1).tolist())
+    assert "battery" in table and "macro avg" in table and "specificity" in table
+
+
+def test_empty_matrix_gives_zeros_not_nan():
+    metrics = class_metrics(np.zeros((3, 3)), ["a", "b", "c"])
+    json.dumps(metrics, allow_nan=False)
+    assert metrics["accuracy"] == 0.0
+
+
+def flatten(metrics: dict) -> dict:
+    return {f"{k}/{kk}": vv for k, v in metrics.items() for kk, vv in (v.items() if isinstance(v, dict) else [("", v)])}
+
+
+def assert_png(path: Path, min_bytes: int = 3000):
+    data = path.read_bytes()
+    assert data[:8] == PNG_MAGIC, path
+    assert len(data) >= min_bytes, f"{path} is only {len(data)} bytes"
+
+
+def test_fit_reports_match_scikit_learn_on_predictions_of_the_best_checkpoint(tmp_path):
+    names = ["cardboard", "glass", "metal"]
+    data = make_folder(tmp_path / "photos", {"cardboard": 20, "glass": 12, "metal": 8})
+    # A short, weak training run, so that the predictions are imperfect and the metrics non-trivial.
+    run_sedense(["fit", *TINY, "--data.root", str(data), "--trainer.max_epochs", "3",
+                 "--trainer.limit_train_batches", "2", "--model.lr", "0.002"], cwd=tmp_path)
+    run = tmp_path / "lightning_logs" / "version_0"
+    for name in ("results.png", "confusion_matrix_train.png", "confusion_matrix_val.png",
+                 "best_confusion_matrix_val.png", "best_confusion_matrix_train.png", "train_batch.png"):
+        assert_png(run / name)
+    history = json.loads((run / "metrics.json").read_text())
+    assert list(history) == ["epoch:0", "epoch:1", "epoch:2"]
+    for entry in history.values():
+        assert set(entry) == {"train info", "valid info"}
+        for info in entry.values():
+            assert set(info) == {"accuracy", *names, "mean precision", "mean recall", "mean specificity", "mean f1 score"}
+            assert set(info["glass"]) == {"Precision", "Recall", "Specificity", "F1 score"}
+    with open(run / "results.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["epoch"]) for r in rows] == [0, 1, 2]
+    assert all(float(r["lr"]) > 0 and float(r["train_loss"]) > 0 for r in rows)
+
+    best = next((run / "checkpoints").glob("best-epoch=*.ckpt"))
+    best_epoch = int(best.name.split("=")[1].split("-")[0])
+    valid = history[f"epoch:{best_epoch}"]["valid info"]
+    assert float(rows[best_epoch]["val_acc"]) == pytest.approx(valid["accuracy"], abs=1e-6)
+
+    # Predict the validation images (from split.csv) with the best checkpoint, independently.
+    with open(run / "split.csv", newline="") as f:
+        val = [r for r in csv.DictReader(f) if r["subset"] == "val"]
+    copies = tmp_path / "val_copy"
+    for r in val:
+        target = copies / r["class"] / Path(r["path"]).name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(r["path"], target)
+    run_sedense(["predict", "--ckpt_path", str(best), "--data.predict_root", str(copies),
+                 "--data.num_workers", "0", "--trainer.enable_progress_bar", "false"], cwd=tmp_path)
+    pred_csv = max(tmp_path.glob("lightning_logs/version_*/predictions.csv"), key=lambda p: p.stat().st_mtime)
+    with open(pred_csv, newline="") as f:
+        preds = list(csv.DictReader(f))
+    assert len(preds) == len(val)
+    y_true = [names.index(Path(p["path"]).parent.name) for p in preds]
+    y_pred = [names.index(p["class"]) for p in preds]
+    cm = assert_matches(valid, y_true, y_pred, names)
+
+    with open(run / "best_confusion_matrix_val.csv", newline="") as f:
+        matrix = np.array([[int(v) for v in row[1:]] for row in list(csv.reader(f))[1:]])
+    assert matrix.sum() == len(val)
+    np.testing.assert_array_equal(matrix, cm)
+
+    # `sedense test` writes the same report for its set and prints the table.
+    test = run_sedense(["test", *TINY, "--data.root", str(data), "--ckpt_path", str(best)], cwd=tmp_path)
+    assert "macro avg" in test.stdout and "metrics_test.json" in test.stdout
+    test_dir = max(tmp_path.glob("lightning_logs/version_*"), key=lambda p: int(p.name.split("_")[1]))
+    report = json.loads((test_dir / "metrics_test.json").read_text())
+    assert report["images"] == len(val)
+    assert flatten(report["test info"]) == pytest.approx(flatten(valid))  # test defaults to the val subset
+    assert_png(test_dir / "confusion_matrix_test.png")
+    if valid["accuracy"] < 1:
+        assert_png(test_dir / "worst_test.png")
+
+    validate = run_sedense(["validate", *TINY, "--data.root", str(data), "--ckpt_path", str(best)], cwd=tmp_path)
+    assert "val set: " in validate.stdout and "macro avg" in validate.stdout
+    val_dir = max(tmp_path.glob("lightning_logs/version_*"), key=lambda p: int(p.name.split("_")[1]))
+    assert flatten(json.loads((val_dir / "metrics_val.json").read_text())["valid info"]) == pytest.approx(flatten(valid))
+
+    # TensorBoard got the scalars, the pictures and the hyperparameters with the final metrics.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run), size_guidance={"images": 0}).Reload()
+    tags = events.Tags()
+    assert {"train_loss_epoch", "val_loss", "val_acc", "train_acc", "val_mean_f1", "val_f1/glass"} <= set(tags["scalars"])
+    assert any(t.startswith("lr-") for t in tags["scalars"])
+    assert {"confusion_matrix_val", "confusion_matrix_train"} <= set(tags["images"])
+    assert any(t.startswith("train_batch") for t in tags["images"])
+    hparam_runs = [p for p in run.rglob("events.out.tfevents.*")]
+    assert any(b"hp/best_val_acc" in p.read_bytes() for p in hparam_runs)
