@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import csv
-import json
 import shutil
 from pathlib import Path
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import BaseFinetuning, BasePredictionWriter
+from lightning.pytorch.loggers import TensorBoardLogger
 from torch.nn.modules.batchnorm import _BatchNorm
+
+from sedense import reports
 
 
 def run_dir(trainer: L.Trainer) -> Path:
@@ -122,20 +124,17 @@ class ReportWriter(L.Callback):
         self.best_acc: float | None = None
         self._val_matrix = None
         self._preview_done = False
-        self._reset_sums()
+        self._sums = {stage: [0.0, 0] for stage in ("train", "val", "test")}  # loss sum, images
+        self._worst: list = []
 
-    def _reset_sums(self, *stages: str) -> None:
-        if not stages:
-            self._sums = {s: [0.0, 0] for s in ("train", "val", "test")}
-            self._worst: list = []
-        for stage in stages:
-            self._sums[stage] = [0.0, 0]
-            if stage != "train":
-                self._worst = []
+    def _reset_sums(self, stage: str) -> None:
+        self._sums[stage] = [0.0, 0]
+        if stage != "train":
+            self._worst = []
 
     # ----------------------------------------------------------------------------- helpers
     @staticmethod
-    def _matrix(metric) -> "np.ndarray":
+    def _matrix(metric):
         return metric.compute().cpu().numpy()  # compute() synchronises across processes
 
     def _mean_loss(self, trainer: L.Trainer, stage: str) -> float | None:
@@ -154,8 +153,6 @@ class ReportWriter(L.Callback):
 
     @staticmethod
     def _tensorboard(trainer: L.Trainer):
-        from lightning.pytorch.loggers import TensorBoardLogger
-
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
                 return logger.experiment
@@ -166,8 +163,6 @@ class ReportWriter(L.Callback):
         return hp.mean, hp.std
 
     def _write_matrix(self, trainer, matrix, names, stem: str, title: str, step: int | None = None) -> list[Path]:
-        from sedense import reports
-
         folder = run_dir(trainer)
         png, csv_path = folder / f"{stem}.png", folder / f"{stem}.csv"
         reports.write_matrix_csv(csv_path, matrix, names)
@@ -180,20 +175,6 @@ class ReportWriter(L.Callback):
     # ----------------------------------------------------------------------------- fit
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.history, self.rows, self.best_acc, self._preview_done = {}, [], None, False
-        path = run_dir(trainer) / "metrics.json"
-        if path.is_file():  # resumed in the same run directory: keep the epochs already done
-            done = json.loads(path.read_text(encoding="utf-8"))
-            self.history = {k: v for k, v in done.items() if int(k.split(":")[1]) < trainer.current_epoch}
-            self.best_acc = max((v["valid info"]["accuracy"] for v in self.history.values()), default=None)
-            results = run_dir(trainer) / "results.csv"
-            if results.is_file():
-                with open(results, newline="", encoding="utf-8") as f:
-                    self.rows = [
-                        {k: (float(v) if v not in ("", None) else None) for k, v in row.items()}
-                        for row in csv.DictReader(f) if int(float(row["epoch"])) < trainer.current_epoch
-                    ]
-                    for row in self.rows:
-                        row["epoch"] = int(row["epoch"])
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         self._reset_sums("train")
@@ -202,8 +183,6 @@ class ReportWriter(L.Callback):
         if self._preview_done or not trainer.is_global_zero:
             return
         self._preview_done = True
-        from sedense import reports
-
         x, y = batch
         n = min(self.preview_images, len(y))
         images = reports.denormalize(x[:n], *self._norm_stats(trainer))
@@ -230,8 +209,6 @@ class ReportWriter(L.Callback):
         if trainer.sanity_checking:
             return
         self._val_matrix = self._matrix(pl_module.val_cm)
-        from sedense import reports
-
         metrics = reports.class_metrics(self._val_matrix, pl_module.class_names)
         pl_module.log("val_mean_f1", metrics["mean f1 score"])
         for name in pl_module.class_names:
@@ -240,8 +217,6 @@ class ReportWriter(L.Callback):
             self._evaluation_report(trainer, pl_module, "val", self._val_matrix)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        from sedense import reports
-
         names = pl_module.class_names
         train_matrix = self._matrix(pl_module.train_cm)
         train_loss = self._mean_loss(trainer, "train")
@@ -327,8 +302,6 @@ class ReportWriter(L.Callback):
     def _evaluation_report(self, trainer, pl_module, stage: str, matrix) -> None:
         if not trainer.is_global_zero:
             return
-        from sedense import reports
-
         names = pl_module.class_names
         folder = run_dir(trainer)
         metrics = reports.class_metrics(matrix, names)
