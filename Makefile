@@ -10,7 +10,6 @@ DIGITS := data/digits
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
 
 # Reinstall only when the package metadata changes.
 $(VENV)/.installed: pyproject.toml | $(BIN)/python

@@ -166,10 +166,10 @@ class ReportWriter(L.Callback):
         folder = run_dir(trainer)
         png, csv_path = folder / f"{stem}.png", folder / f"{stem}.csv"
         reports.write_matrix_csv(csv_path, matrix, names)
-        reports.save_figure(reports.confusion_figure(matrix, names, title), png)
+        pixels = reports.save_figure(reports.confusion_figure(matrix, names, title), png)
         writer = self._tensorboard(trainer)
         if writer is not None and step is not None:
-            writer.add_figure(stem, reports.confusion_figure(matrix, names, title), global_step=step)
+            writer.add_image(stem, pixels, global_step=step, dataformats="HWC")
         return [png, csv_path]
 
     # ----------------------------------------------------------------------------- fit

@@ -161,11 +161,26 @@ def results_figure(rows: Sequence[dict]):
     return fig
 
 
-def save_figure(fig, path: Path) -> None:
-    plt = _pyplot()
+def render(fig) -> np.ndarray:
+    """Draw a figure once and close it; returns its pixels (HWC, uint8 RGB)."""
+    fig.canvas.draw()
+    pixels = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+    _pyplot().close(fig)
+    return pixels
+
+
+def save_png(pixels: np.ndarray, path: Path) -> None:
+    from PIL import Image
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    Image.fromarray(pixels).save(path)
+
+
+def save_figure(fig, path: Path) -> np.ndarray:
+    """Render ``fig`` once, write it as a PNG and return its pixels (for TensorBoard)."""
+    pixels = render(fig)
+    save_png(pixels, path)
+    return pixels
 
 
 def denormalize(batch, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
