@@ -192,6 +192,7 @@ def cli_main(args: list[str] | None = None) -> SedenseCLI:
         ImageFolderDataModule,
         save_config_kwargs={"overwrite": True},
         seed_everything_default=0,
+        auto_configure_optimizers=False,  # the optimiser and schedule are model options
         parser_kwargs={"description": "sedense: train and run SE-DenseNet / DenseNet image classifiers."},
         args=args,
     )
