@@ -202,7 +202,6 @@ class ImageClassifier(L.LightningModule):
         cm = getattr(self, f"{prefix}_cm")
         matrix = cm.compute()
         self.log(f"{prefix}_acc", matrix.trace().float() / matrix.sum().clamp(min=1), prog_bar=prefix != "train")
-        self.confusion = {**getattr(self, "confusion", {}), prefix: matrix.cpu()}
         cm.reset()
 
     def on_train_epoch_end(self) -> None:
