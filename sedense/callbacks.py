@@ -121,8 +121,8 @@ class ReportWriter(L.Callback):
         self.preview_images = preview_images
         self.history: dict[str, dict] = {}
         self.rows: list[dict] = []
-        self.best_acc: float | None = None
-        self._val_matrix = None
+        self.best_valid: dict | None = None  # "valid info" of the best epoch so far
+        self._val: tuple | None = None  # (matrix, metrics) of the latest validation
         self._preview_done = False
         self._sums = {stage: [0.0, 0] for stage in ("train", "val", "test")}  # loss sum, images
         self._worst: list = []
@@ -174,7 +174,7 @@ class ReportWriter(L.Callback):
 
     # ----------------------------------------------------------------------------- fit
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.history, self.rows, self.best_acc, self._preview_done = {}, [], None, False
+        self.history, self.rows, self.best_valid, self._preview_done = {}, [], None, False
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         self._reset_sums("train")
@@ -208,13 +208,14 @@ class ReportWriter(L.Callback):
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         if trainer.sanity_checking:
             return
-        self._val_matrix = self._matrix(pl_module.val_cm)
-        metrics = reports.class_metrics(self._val_matrix, pl_module.class_names)
+        matrix = self._matrix(pl_module.val_cm)
+        metrics = reports.class_metrics(matrix, pl_module.class_names)
+        self._val = (matrix, metrics)
         pl_module.log("val_mean_f1", metrics["mean f1 score"])
         for name in pl_module.class_names:
             pl_module.log(f"val_f1/{name}", metrics[name]["F1 score"])
         if trainer.state.fn == "validate":
-            self._evaluation_report(trainer, pl_module, "val", self._val_matrix)
+            self._evaluation_report(trainer, pl_module, "val", matrix)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         names = pl_module.class_names
@@ -226,9 +227,8 @@ class ReportWriter(L.Callback):
         epoch = trainer.current_epoch
         train_info = reports.class_metrics(train_matrix, names)
         entry = {"train info": train_info}
-        val_info = None
-        if self._val_matrix is not None:
-            val_info = reports.class_metrics(self._val_matrix, names)
+        val_matrix, val_info = self._val if self._val is not None else (None, None)
+        if val_info is not None:
             entry["valid info"] = val_info
         self.history[f"epoch:{epoch}"] = entry
         folder = run_dir(trainer)
@@ -252,27 +252,20 @@ class ReportWriter(L.Callback):
         reports.save_figure(reports.results_figure(self.rows), folder / "results.png")
 
         self._write_matrix(trainer, train_matrix, names, "confusion_matrix_train", f"train, epoch {epoch}", epoch)
-        if self._val_matrix is None:
+        if val_info is None:
             return
-        self._write_matrix(trainer, self._val_matrix, names, "confusion_matrix_val", f"val, epoch {epoch}", epoch)
-        if self.best_acc is None or val_info["accuracy"] > self.best_acc:
-            self.best_acc = val_info["accuracy"]
+        self._write_matrix(trainer, val_matrix, names, "confusion_matrix_val", f"val, epoch {epoch}", epoch)
+        if self.best_valid is None or val_info["accuracy"] > self.best_valid["accuracy"]:
+            self.best_valid = val_info
             for stage in ("train", "val"):
                 for ext in ("png", "csv"):
                     shutil.copyfile(folder / f"confusion_matrix_{stage}.{ext}", folder / f"best_confusion_matrix_{stage}.{ext}")
-        self._val_matrix = None
+        self._val = None
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not trainer.is_global_zero or not self.history:
+        if not trainer.is_global_zero or self.best_valid is None:
             return
-        best = max(
-            (v for v in self.history.values() if "valid info" in v),
-            key=lambda v: v["valid info"]["accuracy"],
-            default=None,
-        )
-        if best is None:
-            return
-        final = {"hp/best_val_acc": best["valid info"]["accuracy"], "hp/best_val_mean_f1": best["valid info"]["mean f1 score"]}
+        final = {"hp/best_val_acc": self.best_valid["accuracy"], "hp/best_val_mean_f1": self.best_valid["mean f1 score"]}
         for logger in trainer.loggers:
             logger.log_hyperparams(dict(pl_module.hparams), metrics=final)
 
@@ -300,12 +293,12 @@ class ReportWriter(L.Callback):
         self._worst = sorted(self._worst, key=lambda w: -w[0])[: self.worst_images]
 
     def _evaluation_report(self, trainer, pl_module, stage: str, matrix) -> None:
+        loss = self._mean_loss(trainer, stage)  # a collective: every process takes part
         if not trainer.is_global_zero:
             return
         names = pl_module.class_names
         folder = run_dir(trainer)
         metrics = reports.class_metrics(matrix, names)
-        loss = self._sums[stage][0] / max(self._sums[stage][1], 1)
         label = "valid info" if stage == "val" else "test info"
         report = {"checkpoint": trainer.ckpt_path, "images": int(matrix.sum()), "loss": loss, label: metrics}
         written = [folder / f"metrics_{stage}.json"]

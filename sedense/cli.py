@@ -16,7 +16,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from sedense.callbacks import PredictionWriter, ReportWriter
 from sedense.data import ImageFolderDataModule, scan_dataset
 from sedense.errors import ConfigError, SedenseError
-from sedense.models.pretrained import official_weights
+from sedense.models.pretrained import official_weights, safe_load
 from sedense.module import ImageClassifier
 
 CKPT_ALIASES = ("best", "last")
@@ -41,14 +41,6 @@ def find_checkpoint(alias: str, root_dir: str | Path = ".") -> Path:
         f"--ckpt_path {alias}: no {alias} checkpoint under {Path(root_dir) / 'lightning_logs'}/version_*/checkpoints; "
         "train one with `sedense fit` or give the checkpoint's path"
     )
-
-
-def load_checkpoint_meta(path: str | Path) -> dict:
-    """A checkpoint's contents without unpickling arbitrary objects (tensors memory-mapped, not read)."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as err:  # noqa: BLE001 - any failure means the same thing to the user
-        raise ConfigError(f"--ckpt_path {path}: not a readable checkpoint ({type(err).__name__}: {err})".split("\n")[0])
 
 
 class _DropTips(logging.Filter):
@@ -99,7 +91,7 @@ class SedenseCLI(LightningCLI):
         elif ckpt and not Path(ckpt).is_file():
             raise ConfigError(f"--ckpt_path {ckpt}: no such file; give a .ckpt file, `best` or `last`")
         if ckpt and sub != "fit":
-            data_hparams = load_checkpoint_meta(ckpt).get("datamodule_hyper_parameters") or {}
+            data_hparams = safe_load(ckpt, "--ckpt_path", mmap=True).get("datamodule_hyper_parameters") or {}
             for key in PREPROCESSING_KEYS:
                 if key in data_hparams:
                     cfg.data[key] = data_hparams[key]

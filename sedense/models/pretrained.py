@@ -65,7 +65,7 @@ def load_official_state_dict(arch: str) -> dict[str, torch.Tensor]:
     weights = official_weights(arch)
     path = cached_weights_path(arch)
     if path.is_file():
-        return _load_file(path)
+        return safe_load(path, "model.pretrained")
     try:
         return torch.hub.load_state_dict_from_url(weights.url, progress=True, check_hash=True, weights_only=True)
     except Exception as err:  # noqa: BLE001 - URLError, timeouts, SSL, hash mismatch: one message for all
@@ -76,19 +76,20 @@ def load_official_state_dict(arch: str) -> dict[str, torch.Tensor]:
         ) from None
 
 
-def _load_file(path: Path) -> dict:
+def safe_load(path: str | Path, option: str, mmap: bool = False):
+    """``torch.load`` without unpickling arbitrary objects; failures become one line naming ``option``."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except FileNotFoundError:
-        raise ConfigError(f"model.weights: {path} does not exist") from None
+        raise ConfigError(f"{option}: {path} does not exist") from None
     except Exception as err:  # noqa: BLE001 - corrupt file, pickle with objects, not a torch file
         first_line = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise ConfigError(f"model.weights: cannot read {path} as a weights file ({first_line})") from None
+        raise ConfigError(f"{option}: cannot read {path} as a weights or checkpoint file ({first_line})") from None
 
 
 def load_weights_file(path: str | Path) -> tuple[dict[str, torch.Tensor], list[str] | None]:
     """A state dict from a torchvision ``.pth`` or a sedense ``.ckpt`` (then with its class names)."""
-    obj = _load_file(Path(path))
+    obj = safe_load(path, "model.weights")
     if isinstance(obj, Mapping) and "state_dict" in obj:
         state = {k.removeprefix("net."): v for k, v in obj["state_dict"].items() if k.startswith("net.")}
         classes = (obj.get("hyper_parameters") or {}).get("class_names")
