@@ -7,14 +7,17 @@ import functools
 import json
 import os
 import random
+import time
 from collections import Counter
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2 as T
@@ -94,21 +97,45 @@ def load_image(path: str | Path) -> Image.Image:
 
 
 class ImageListDataset(Dataset):
-    """``(image, target)`` pairs from a list of ``(path, class index)``; ``target`` is -1 when unlabelled."""
+    """``(image, target)`` pairs from a list of ``(path, class index)``; ``target`` is -1 when unlabelled.
 
-    def __init__(self, samples: Sequence[tuple[Path, int]], transform: Callable | None = None) -> None:
+    ``prepare`` is a deterministic first step (e.g. resize); with ``cache`` its result is kept in
+    memory, so every image is decoded and prepared once per process instead of once per epoch.
+    """
+
+    def __init__(
+        self,
+        samples: Sequence[tuple[Path, int]],
+        transform: Callable | None = None,
+        prepare: Callable | None = None,
+    ) -> None:
         self.samples = list(samples)
         self.transform = transform
+        self.prepare = prepare
+        self.cache: list[Image.Image] | None = None
 
     def __len__(self) -> int:
         return len(self.samples)
 
+    def load(self, index: int) -> Image.Image:
+        """The decoded (and prepared) image ``index``, from the cache when there is one."""
+        if self.cache is not None:
+            return self.cache[index]
+        img = load_image(self.samples[index][0])
+        return self.prepare(img) if self.prepare is not None else img
+
+    def fill_cache(self, threads: int = 4) -> int:
+        """Decode and prepare every image into memory; returns the bytes held."""
+        if self.cache is None:
+            with ThreadPoolExecutor(threads) as pool:  # decoding and resizing release the GIL
+                self.cache = list(pool.map(self.load, range(len(self))))
+        return sum(img.width * img.height * len(img.getbands()) for img in self.cache)
+
     def __getitem__(self, index: int):
-        path, target = self.samples[index]
-        img = load_image(path)
+        img = self.load(index)
         if self.transform is not None:
             img = self.transform(img)
-        return img, target
+        return img, self.samples[index][1]
 
 
 @dataclass(frozen=True)
@@ -200,9 +227,18 @@ def build_transforms(
         if trivial_augment:
             ops.append(T.TrivialAugmentWide())
     else:
-        ops = [T.Resize(int(round(image_size / eval_crop)), antialias=True), T.CenterCrop(image_size)]
-    ops += [T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(mean=list(mean), std=list(std))]
-    return T.Compose(ops)
+        ops = eval_geometry(image_size, eval_crop)
+    return T.Compose(ops + to_tensor(mean, std))
+
+
+def eval_geometry(image_size: int, eval_crop: float = 0.875) -> list:
+    """Evaluation resize (short side ``image_size / eval_crop``) and centre crop to ``image_size``."""
+    return [T.Resize(int(round(image_size / eval_crop)), antialias=True), T.CenterCrop(image_size)]
+
+
+def to_tensor(mean: Sequence[float], std: Sequence[float]) -> list:
+    """PIL image to a normalised float tensor."""
+    return [T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(mean=list(mean), std=list(std))]
 
 
 class ImageFolderDataModule(L.LightningDataModule):
@@ -231,6 +267,10 @@ class ImageFolderDataModule(L.LightningDataModule):
         eval_crop: evaluation resizes to ``image_size / eval_crop`` and centre-crops ``image_size``.
         mean: per-channel normalisation mean.
         std: per-channel normalisation standard deviation.
+        cache: decode every training and validation image once into memory, pre-resized (the
+            training images to a short side of ``image_size / sqrt(min crop scale)``, at most
+            twice ``image_size``; the validation images to their final crop), instead of decoding
+            the full-size files again every epoch. For datasets that fit in RAM.
     """
 
     def __init__(
@@ -252,6 +292,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         eval_crop: float = 0.875,
         mean: tuple[float, float, float] = IMAGENET_MEAN,
         std: tuple[float, float, float] = IMAGENET_STD,
+        cache: bool = False,
     ) -> None:
         super().__init__()
         if not 0 <= val_split < 1:
@@ -311,15 +352,35 @@ class ImageFolderDataModule(L.LightningDataModule):
         return build_transforms(False, hp.image_size, hp.mean, hp.std, eval_crop=hp.eval_crop)
 
     # ----------------------------------------------------------------------------- Lightning hooks
+    def train_cache_side(self) -> int:
+        """Short side of cached training images: crops of the smallest scale need no up-sampling."""
+        smallest = max(float(self.hparams.crop_scale[0]), 0.25)
+        return int(round(self.hparams.image_size / smallest**0.5))
+
+    def _fill_caches(self, *datasets: ImageListDataset) -> None:
+        start, nbytes = time.perf_counter(), 0
+        for dataset in datasets:
+            nbytes += dataset.fill_cache()
+        n = sum(len(d) for d in datasets)
+        rank_zero_info(f"Cached {n} decoded images ({nbytes / 2**20:.0f} MB) in {time.perf_counter() - start:.1f} s")
+
     def setup(self, stage: str) -> None:
+        hp = self.hparams
         if stage in ("fit", "validate"):
             split = self.split
             self._check_model_classes(split.class_names)
             index = {c: i for i, c in enumerate(split.class_names)}
-            self.train_set = ImageListDataset([(p, index[c]) for p, c in split.train], self.train_transform())
-            self.val_set = ImageListDataset([(p, index[c]) for p, c in split.val], self.eval_transform())
             if not split.val:
                 raise DataError("data.val_split is 0 and there is no val/ folder: nothing to validate on")
+            train = [(p, index[c]) for p, c in split.train]
+            val = [(p, index[c]) for p, c in split.val]
+            if self.hparams.cache:
+                self.train_set = ImageListDataset(train, self.train_transform(), T.Resize(self.train_cache_side()))
+                self.val_set = ImageListDataset(val, T.Compose(to_tensor(hp.mean, hp.std)), T.Compose(eval_geometry(hp.image_size, hp.eval_crop)))
+                self._fill_caches(self.train_set, self.val_set)
+            else:
+                self.train_set = ImageListDataset(train, self.train_transform())
+                self.val_set = ImageListDataset(val, self.eval_transform())
             self._write_run_files(split)
         elif stage == "test":
             self.test_set = ImageListDataset(self._test_samples(), self.eval_transform())

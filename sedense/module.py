@@ -9,7 +9,9 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from lightning.pytorch.callbacks import EMAWeightAveraging
 from lightning.pytorch.utilities import rank_zero_info
+from torchvision.transforms import v2 as T
 from torchmetrics.classification import MulticlassConfusionMatrix
 
 from sedense.callbacks import FreezeBackbone
@@ -53,6 +55,14 @@ class ImageClassifier(L.LightningModule):
         label_smoothing: cross-entropy label smoothing.
         class_weights: ``balanced`` weighs the training loss by inverse class frequency; or one
             weight per class; ``None`` for none.
+        mixup_alpha: MixUp's Beta(α, α) mixing of image pairs in each training batch (0: off).
+        cutmix_alpha: CutMix's Beta(α, α) pasting of patches between images (0: off); with both
+            on, each batch gets one of the two at random.
+        ema_decay: keep an exponential moving average of the weights with this decay per step
+            (e.g. 0.999); validation, checkpoints and the final model use the average.
+        channels_last: run convolutions in channels-last memory format (faster on recent CPUs
+            and on GPUs with tensor cores).
+        compile: compile the network with ``torch.compile`` (slow first epoch, faster later ones).
     """
 
     def __init__(
@@ -81,6 +91,11 @@ class ImageClassifier(L.LightningModule):
         warmup_epochs: float = 0.0,
         label_smoothing: float = 0.0,
         class_weights: Literal["balanced"] | list[float] | None = None,
+        mixup_alpha: float = 0.0,
+        cutmix_alpha: float = 0.0,
+        ema_decay: float | None = None,
+        channels_last: bool = False,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         if not class_names:
@@ -96,6 +111,10 @@ class ImageClassifier(L.LightningModule):
             raise ConfigError(
                 f"model.class_weights has {len(class_weights)} values for {len(class_names)} classes {list(class_names)}"
             )
+        if mixup_alpha < 0 or cutmix_alpha < 0:
+            raise ConfigError(f"model.mixup_alpha and model.cutmix_alpha must be >= 0, got {mixup_alpha}, {cutmix_alpha}")
+        if ema_decay is not None and not 0 < ema_decay < 1:
+            raise ConfigError(f"model.ema_decay must be in (0, 1), e.g. 0.999; got {ema_decay}")
         if pretrained and weights:
             raise ConfigError("give model.pretrained or model.weights, not both")
         if unfreeze_at_epoch is not None and not freeze:
@@ -103,6 +122,7 @@ class ImageClassifier(L.LightningModule):
         self.save_hyperparameters()
         self.class_names = list(class_names)
         self._weights_loaded = False
+        self._compiled = False
         try:
             self.net = build_model(
                 arch,
@@ -119,8 +139,12 @@ class ImageClassifier(L.LightningModule):
             )
         except ValueError as err:
             raise ConfigError(f"model: {err}") from None
-        weight = torch.tensor(class_weights, dtype=torch.float32) if isinstance(class_weights, list) else None
-        self.register_buffer("class_weight", weight, persistent=False)
+        # A plain attribute, not a buffer: weight averaging (EMA) pairs the buffers of two copies of
+        # this module, and a buffer that appears in ``setup`` would shift that pairing.
+        self.class_weight = torch.tensor(class_weights, dtype=torch.float32) if isinstance(class_weights, list) else None
+        self.mix = batch_mixer(mixup_alpha, cutmix_alpha, len(class_names))
+        if channels_last:
+            self.net.to(memory_format=torch.channels_last)
         k = len(class_names)
         self.train_cm = MulticlassConfusionMatrix(k)
         self.val_cm = MulticlassConfusionMatrix(k)
@@ -131,6 +155,8 @@ class ImageClassifier(L.LightningModule):
         return len(self.class_names)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.hparams.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         return self.net(x)
 
     # ----------------------------------------------------------------------------- set-up
@@ -149,19 +175,25 @@ class ImageClassifier(L.LightningModule):
         rank_zero_info(f"Loaded {n} tensors from {source}" + ("" if load_head else "; the classifier starts fresh"))
 
     def configure_callbacks(self):
-        if self.hparams.freeze:
-            return [FreezeBackbone(self.hparams.unfreeze_at_epoch, self.hparams.backbone_lr_factor)]
-        return []
+        hp, callbacks = self.hparams, []
+        if hp.freeze:
+            callbacks.append(FreezeBackbone(hp.unfreeze_at_epoch, hp.backbone_lr_factor))
+        if hp.ema_decay and self.trainer.state.fn == "fit":
+            callbacks.append(EMAWeightAveraging(decay=hp.ema_decay))
+        return callbacks
 
     def setup(self, stage: str) -> None:
         # Initial weights matter only when no checkpoint is restored over them.
         if not self._weights_loaded and self.trainer.ckpt_path is None:
             self.load_initial_weights()
         self._weights_loaded = True
+        if self.hparams.compile and not self._compiled:
+            self.net.compile()  # in place: parameter names (and checkpoints) stay the same
+            self._compiled = True
         if stage == "fit" and self.hparams.class_weights == "balanced":
             counts = torch.tensor(self.trainer.datamodule.class_counts(), dtype=torch.float32)
             weight = counts.sum() / (len(counts) * counts.clamp(min=1))
-            self.class_weight = weight.to(self.device)
+            self.class_weight = weight
 
     def on_train_start(self) -> None:
         self.val_cm.reset()
@@ -174,8 +206,12 @@ class ImageClassifier(L.LightningModule):
     # ----------------------------------------------------------------------------- steps
     def training_step(self, batch, batch_idx: int) -> Tensor:
         x, y = batch
+        target = y
+        if self.mix is not None:
+            x, target = self.mix(x, y)
         logits = self(x)
-        loss = F.cross_entropy(logits, y, weight=self.class_weight, label_smoothing=self.hparams.label_smoothing)
+        weight = self.class_weight.to(logits.device) if self.class_weight is not None else None
+        loss = F.cross_entropy(logits, target, weight=weight, label_smoothing=self.hparams.label_smoothing)
         self.train_cm.update(logits.argmax(1), y)
         self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(y))
         return loss
@@ -236,6 +272,18 @@ class ImageClassifier(L.LightningModule):
         warmup = min(int(round(hp.warmup_epochs * total / epochs)), total - 1) if hp.warmup_epochs > 0 else 0
         scheduler = torch.optim.lr_scheduler.LambdaLR(opt, cosine_schedule(total, warmup, hp.lrf))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def batch_mixer(mixup_alpha: float, cutmix_alpha: float, num_classes: int):
+    """MixUp, CutMix or a random choice of the two per batch; ``None`` when both are off."""
+    mixers = []
+    if mixup_alpha > 0:
+        mixers.append(T.MixUp(alpha=mixup_alpha, num_classes=num_classes))
+    if cutmix_alpha > 0:
+        mixers.append(T.CutMix(alpha=cutmix_alpha, num_classes=num_classes))
+    if not mixers:
+        return None
+    return mixers[0] if len(mixers) == 1 else T.RandomChoice(mixers)
 
 
 def cosine_schedule(total_steps: int, warmup_steps: int, lrf: float):
