@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import logging
-import re
 import sys
 import warnings
 from pathlib import Path
 
 import torch
-
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import TensorBoardLogger
 
 from sedense.callbacks import PredictionWriter, ReportWriter
+from sedense.checkpoints import AtomicCheckpointIO, find_checkpoint, run_version
 from sedense.data import ImageFolderDataModule, scan_dataset
 from sedense.errors import ConfigError, SedenseError
 from sedense.models.pretrained import official_weights, safe_load
@@ -23,24 +24,6 @@ CKPT_ALIASES = ("best", "last")
 # How a model sees its images is part of the model: these data options are taken from the
 # checkpoint whenever one is given to validate, test or predict.
 PREPROCESSING_KEYS = ("image_size", "eval_crop", "mean", "std")
-
-
-def find_checkpoint(alias: str, root_dir: str | Path = ".") -> Path:
-    """The newest run's best (or last) checkpoint under ``root_dir/lightning_logs``."""
-    runs = []
-    for ckpt_dir in Path(root_dir).glob("lightning_logs/version_*/checkpoints"):
-        match = re.fullmatch(r"version_(\d+)", ckpt_dir.parent.name)
-        if match:
-            runs.append((int(match.group(1)), ckpt_dir))
-    for _, ckpt_dir in sorted(runs, reverse=True):
-        found = sorted(ckpt_dir.glob("best*.ckpt")) if alias == "best" else [ckpt_dir / "last.ckpt"]
-        found = [p for p in found if p.is_file()]
-        if found:
-            return found[-1]
-    raise ConfigError(
-        f"--ckpt_path {alias}: no {alias} checkpoint under {Path(root_dir) / 'lightning_logs'}/version_*/checkpoints; "
-        "train one with `sedense fit` or give the checkpoint's path"
-    )
 
 
 class _DropTips(logging.Filter):
@@ -90,8 +73,13 @@ class SedenseCLI(LightningCLI):
             cfg.ckpt_path = ckpt = str(find_checkpoint(ckpt, cfg.trainer.get("default_root_dir") or "."))
         elif ckpt and not Path(ckpt).is_file():
             raise ConfigError(f"--ckpt_path {ckpt}: no such file; give a .ckpt file, `best` or `last`")
+        if ckpt and cfg.get("weights_only") is not False:
+            # Refuse a checkpoint that would unpickle arbitrary objects, with one line, before
+            # Lightning loads it (`--weights_only false` trusts the file).
+            checkpoint = safe_load(ckpt, "--ckpt_path", mmap=True)
         if ckpt and sub != "fit":
-            data_hparams = safe_load(ckpt, "--ckpt_path", mmap=True).get("datamodule_hyper_parameters") or {}
+            checkpoint = checkpoint if cfg.get("weights_only") is not False else torch.load(ckpt, mmap=True, weights_only=False)
+            data_hparams = checkpoint.get("datamodule_hyper_parameters") or {}
             for key in PREPROCESSING_KEYS:
                 if key in data_hparams:
                     cfg.data[key] = data_hparams[key]
@@ -101,12 +89,29 @@ class SedenseCLI(LightningCLI):
         from_checkpoint = bool(cfg.get("ckpt_path")) and bool(cfg.model.get("class_names"))
         if not from_checkpoint and cfg.data.get("root"):
             data = cfg.data
-            cfg.model.class_names = scan_dataset(Path(data.root), data.val_split, data.seed).class_names
+            cfg.model.class_names = scan_dataset(Path(data.root), data.val_split, data.seed, data.verify).class_names
         if not from_checkpoint and cfg.model.get("pretrained"):
             # Pretrained weights come with their own preprocessing (normalisation, crop ratio).
             preprocess = official_weights(cfg.model.arch).transforms()
             cfg.data.mean, cfg.data.std = tuple(preprocess.mean), tuple(preprocess.std)
             cfg.data.eval_crop = preprocess.crop_size[0] / preprocess.resize_size[0]
+
+    def instantiate_classes(self) -> None:
+        super().instantiate_classes()
+        strategy = self.trainer.strategy
+        if type(strategy.checkpoint_io) is TorchCheckpointIO:
+            strategy.checkpoint_io = AtomicCheckpointIO()
+
+    def before_fit(self) -> None:
+        # Resuming a run (`--ckpt_path last`) continues in its own folder: same checkpoints,
+        # metrics.json and results.csv (rewritten from the state saved in the checkpoint).
+        ckpt, logger = self.config_init[self.subcommand].get("ckpt_path"), self.trainer.logger
+        found = run_version(ckpt) if ckpt else None
+        if found and isinstance(logger, TensorBoardLogger) and logger._version is None:
+            logs, version = found
+            if Path(logger.root_dir).resolve() == logs.resolve():
+                logger._version = version  # the logger creates nothing before its first use
+                print(f"Resuming {logs / f'version_{version}'} from {ckpt}")
 
     def after_fit(self) -> None:
         ckpt = self.trainer.checkpoint_callback

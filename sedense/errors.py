@@ -11,3 +11,7 @@ class DataError(SedenseError, ValueError):
 
 class ConfigError(SedenseError, ValueError):
     """A problem with a model or trainer option, or with a checkpoint."""
+
+
+class TrainingError(SedenseError):
+    """Training cannot go on (e.g. the loss is no longer a number)."""

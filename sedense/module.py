@@ -15,7 +15,7 @@ from torchvision.transforms import v2 as T
 from torchmetrics.classification import MulticlassConfusionMatrix
 
 from sedense.callbacks import FreezeBackbone
-from sedense.errors import ConfigError
+from sedense.errors import ConfigError, TrainingError
 from sedense.models import build_model
 from sedense.models.pretrained import load_backbone, load_official_state_dict, load_weights_file
 
@@ -212,7 +212,14 @@ class ImageClassifier(L.LightningModule):
         logits = self(x)
         weight = self.class_weight.to(logits.device) if self.class_weight is not None else None
         loss = F.cross_entropy(logits, target, weight=weight, label_smoothing=self.hparams.label_smoothing)
-        self.train_cm.update(logits.argmax(1), y)
+        if not torch.isfinite(loss):
+            raise TrainingError(
+                f"the training loss is {loss.item()} at epoch {self.current_epoch}, step {self.global_step}: "
+                f"lower model.lr (now {self.hparams.lr}), add model.warmup_epochs or use trainer.precision 32-true, "
+                "then resume from the last good checkpoint with --ckpt_path last or start again"
+            )
+        # Under MixUp/CutMix the label of an image is the class with the largest share in it.
+        self.train_cm.update(logits.argmax(1), target.argmax(1) if target.ndim == 2 else y)
         self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(y))
         return loss
 

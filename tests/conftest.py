@@ -69,3 +69,49 @@ def run_sedense(args: list[str], cwd: Path, check: bool = True) -> subprocess.Co
     if check and proc.returncode != 0:
         raise AssertionError(f"sedense {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+def make_bad_corpus(root: Path) -> dict[str, list[Path]]:
+    """Two classes with awkward names holding every kind of awkward file.
+
+    Returns ``{"good": [...], "bad": [...], "truncated": [...]}``: files that must be used, files a
+    header check must reject, and the truncated JPEG (header intact: only a full decode finds it).
+    """
+    import struct
+    import zlib
+
+    glass, metal = root / "玻璃 glass", root / "metal can"
+    good, bad = [], []
+    for i in range(6):
+        good.append(make_image(glass / f"瓶子 {i}.png", (40, 180, 60), seed=i))
+        good.append(make_image(metal / f"can {i}.jpg", (60, 60, 220), seed=100 + i))
+    rng = np.random.default_rng(0)
+    noisy = rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)
+    Image.fromarray(noisy).convert("CMYK").save(metal / "cmyk.jpg")
+    Image.fromarray((rng.integers(0, 65535, (24, 24))).astype(np.uint16)).save(glass / "deep 16-bit.png")
+    Image.fromarray(np.dstack([noisy, np.full((24, 24), 128, np.uint8)]), "RGBA").save(glass / "rgba.png")
+    Image.fromarray(noisy).convert("P").save(metal / "palette.png")
+    Image.fromarray(noisy).convert("L").save(glass / "grey.png")
+    Image.new("RGB", (1, 1), (60, 60, 220)).save(metal / "one pixel.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated 90°: stored 40 wide, 20 high; upright it is 20 wide, 40 high
+    Image.new("RGB", (40, 20), (40, 180, 60)).save(glass / "exif rotated.jpg", exif=exif)
+    good += [metal / "cmyk.jpg", glass / "deep 16-bit.png", glass / "rgba.png", metal / "palette.png",
+             glass / "grey.png", metal / "one pixel.png", glass / "exif rotated.jpg"]
+
+    (metal / "empty.jpg").write_bytes(b"")
+    (glass / "notes.jpg").write_text("not an image\n")
+    ihdr = struct.pack(">IIBBBBB", 20000, 20000, 8, 2, 0, 0, 0)  # 400 M pixels declared, no pixel data
+    chunk = lambda kind, data: struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))  # noqa: E731
+    (metal / "bomb.png").write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b""))
+    (glass / "loop.jpg").symlink_to("loop.jpg")  # a symlink to itself
+    bad += [metal / "empty.jpg", glass / "notes.jpg", metal / "bomb.png", glass / "loop.jpg"]
+
+    whole = make_image(metal / "whole.jpg", (60, 60, 220), size=64, seed=7).read_bytes()
+    truncated = metal / "truncated.jpg"
+    truncated.write_bytes(whole[: len(whole) // 2])
+    (glass / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    (glass / "sub").mkdir()
+    (glass / "sub" / "up").symlink_to("..", target_is_directory=True)  # a folder loop
+    (metal / "whole.jpg").unlink()
+    return {"good": good, "bad": bad, "truncated": [truncated]}

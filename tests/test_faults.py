@@ -1,0 +1,164 @@
+"""Bad input, crashes and several processes: nothing may cost the user results or give wrong numbers."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY, make_bad_corpus, make_folder, run_sedense
+
+from sedense.checkpoints import AtomicCheckpointIO
+from sedense.data import ImageFolderDataModule, check_image, load_image, scan_dataset
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def test_scan_keeps_awkward_images_and_skips_broken_files(tmp_path):
+    corpus = make_bad_corpus(tmp_path / "data")
+    split = scan_dataset(tmp_path / "data", 0.25, 0)
+    used = {p for p, _ in split.train + split.val}
+    assert split.class_names == ["metal can", "玻璃 glass"]  # sorted by code point
+    assert used == set(corpus["good"]) | set(corpus["truncated"])  # the header of the truncated file is fine
+    assert {p for p, _ in split.skipped} == set(corpus["bad"])
+    reasons = dict(split.skipped)
+    assert reasons[tmp_path / "data" / "metal can" / "empty.jpg"] == "empty file"
+    assert "decompression-bomb" in reasons[tmp_path / "data" / "metal can" / "bomb.png"]
+    full = scan_dataset(tmp_path / "data", 0.25, 0, "full")
+    assert {p for p, _ in full.skipped} == set(corpus["bad"]) | set(corpus["truncated"])
+    assert check_image(corpus["truncated"][0], "full").startswith("cannot be read")
+
+
+def test_every_awkward_image_loads_upright_as_rgb(tmp_path):
+    corpus = make_bad_corpus(tmp_path / "data")
+    for path in corpus["good"]:
+        img = load_image(path)
+        assert img.mode == "RGB", path
+    assert load_image(tmp_path / "data" / "玻璃 glass" / "exif rotated.jpg").size == (20, 40)
+
+
+def test_a_file_broken_after_the_scan_never_stops_an_epoch(tmp_path):
+    corpus = make_bad_corpus(tmp_path / "data")
+    data = ImageFolderDataModule(str(tmp_path / "data"), image_size=16, val_split=0.25, batch_size=4, num_workers=0)
+    data.setup("fit")
+    paths = [p for p, _ in data.train_set.samples]
+    victim = next(p for p in paths if p in corpus["good"] and p.suffix == ".png")
+    victim.write_bytes(victim.read_bytes()[:40])  # truncated after the scan
+    with pytest.warns(UserWarning, match="another image takes its place"):
+        batches = list(data.train_dataloader())
+    assert sum(len(y) for _, y in batches) == len(paths) // 4 * 4
+
+
+def test_fit_over_the_bad_corpus_lists_skipped_files_and_strict_refuses(tmp_path):
+    corpus = make_bad_corpus(tmp_path / "data")
+    args = ["fit", *TINY, "--data.root", "data", "--data.val_split", "0.25", "--trainer.max_epochs", "1"]
+    proc = run_sedense(args + ["--data.verify", "full"], tmp_path)
+    assert "Skipping 5 unusable file(s)" in proc.stderr
+    run = tmp_path / "lightning_logs" / "version_0"
+    listed = {Path(r["path"]) for r in read_csv(run / "skipped_files.csv")}
+    assert listed == {p.relative_to(tmp_path) for p in corpus["bad"] + corpus["truncated"]}
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+    metrics = json.loads((run / "metrics.json").read_text(encoding="utf-8"))
+    assert set(metrics["epoch:0"]["valid info"]) >= {"玻璃 glass", "metal can"}
+
+    strict = run_sedense(args + ["--data.strict", "true"], tmp_path, check=False)
+    assert strict.returncode == 2
+    assert strict.stderr.strip().splitlines()[-1].startswith("sedense: error: data.strict: 4 file(s)")
+
+
+def test_atomic_checkpoint_write_keeps_the_old_file_when_saving_fails(tmp_path):
+    io = AtomicCheckpointIO()
+    path = tmp_path / "ckpt" / "last.ckpt"
+    io.save_checkpoint({"epoch": 1, "w": torch.ones(3)}, path)
+    with pytest.raises(Exception):
+        io.save_checkpoint({"epoch": 2, "bad": lambda: None}, path)  # cannot be pickled
+    assert torch.load(path, weights_only=True)["epoch"] == 1
+    assert [p.name for p in path.parent.iterdir()] == ["last.ckpt"]  # no temporary file left behind
+
+
+def test_checkpoint_with_arbitrary_objects_is_refused_in_one_line(tmp_path):
+    (tmp_path / "evil.ckpt").write_bytes(b"")
+    torch.save({"state_dict": {}, "payload": Path("x")}, tmp_path / "evil.ckpt")  # a pickled object
+    make_folder(tmp_path / "data", {"cardboard": 4, "glass": 4})
+    for sub in ("fit", "test"):
+        proc = run_sedense([sub, *TINY, "--data.root", "data", "--ckpt_path", "evil.ckpt"], tmp_path, check=False)
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr.strip().splitlines()[-1].startswith("sedense: error: --ckpt_path: cannot read evil.ckpt")
+
+
+def test_nan_loss_stops_with_one_line(tmp_path):
+    make_folder(tmp_path / "data", {"cardboard": 8, "glass": 8})
+    proc = run_sedense(
+        ["fit", *TINY, "--data.root", "data", "--model.optimizer", "sgd", "--model.lr", "1e30",
+         "--trainer.max_epochs", "3"], tmp_path, check=False,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("sedense: error: the training loss is") and "lower model.lr" in last
+
+
+def test_two_processes_count_every_image_once_and_match_one_process(tmp_path):
+    # 3 + 2 + 2 = 7 validation images: odd, so padding would repeat one on the second process.
+    make_folder(tmp_path / "data", {"cardboard": 9, "glass": 8, "metal": 8})
+    base = [*TINY, "--data.root", "data", "--data.val_split", "0.3", "--data.batch_size", "2"]
+    ddp = ["--trainer.strategy", "ddp", "--trainer.devices", "2"]
+    run_sedense(["fit", *base, *ddp, "--trainer.max_epochs", "2"], tmp_path)
+    run = tmp_path / "lightning_logs" / "version_0"
+    matrix = [list(map(int, r[1:])) for r in list(csv.reader(open(run / "confusion_matrix_val.csv")))[1:]]
+    assert sum(map(sum, matrix)) == 7
+
+    reports = {}
+    for name, extra in (("two", ddp), ("one", [])):
+        run_sedense(["validate", *base, *extra, "--ckpt_path", "best"], tmp_path)
+        newest = max((tmp_path / "lightning_logs").glob("version_*"), key=lambda p: int(p.name.split("_")[1]))
+        reports[name] = json.loads((newest / "metrics_val.json").read_text())
+    assert reports["two"]["images"] == reports["one"]["images"] == 7
+    assert reports["two"]["valid info"] == reports["one"]["valid info"]
+    assert reports["two"]["loss"] == pytest.approx(reports["one"]["loss"], rel=1e-5)
+
+    run_sedense(["predict", *base, *ddp, "--ckpt_path", "best", "--data.predict_root", "data/glass"], tmp_path)
+    newest = max((tmp_path / "lightning_logs").glob("version_*"), key=lambda p: int(p.name.split("_")[1]))
+    rows = read_csv(newest / "predictions.csv")
+    assert [r["path"] for r in rows] == sorted(str(p) for p in Path(tmp_path / "data/glass").glob("*.png"))
+
+
+def test_a_killed_run_resumes_in_its_folder_with_every_epoch_once(tmp_path):
+    make_folder(tmp_path / "data", {"cardboard": 40, "glass": 40})  # 64 training images: 8 steps an epoch
+    args = ["fit", *TINY, "--data.root", "data", "--trainer.max_epochs", "5"]
+    run = tmp_path / "lightning_logs" / "version_0"
+    proc = subprocess.Popen([sys.executable, "-m", "sedense", *args], cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        metrics = run / "metrics.json"
+        if metrics.is_file() and "epoch:1" in metrics.read_text(encoding="utf-8"):
+            break
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    done = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["epoch"]
+    assert done < 4
+
+    out = run_sedense([*args, "--ckpt_path", "last"], tmp_path)
+    assert "Resuming" in out.stdout
+    assert [p.name for p in (tmp_path / "lightning_logs").iterdir() if p.is_dir()] == ["version_0"]
+    metrics = json.loads((run / "metrics.json").read_text(encoding="utf-8"))
+    assert list(metrics) == [f"epoch:{e}" for e in range(5)]
+    rows = read_csv(run / "results.csv")
+    assert [int(r["epoch"]) for r in rows] == list(range(5))
+    last = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["epoch"] == 4 and last["global_step"] == 5 * 8
+    assert last["lr_schedulers"][0]["last_epoch"] == 5 * 8  # the schedule went on, not restarted
+    best = [p for p in (run / "checkpoints").glob("best*.ckpt")]
+    assert len(best) == 1
+    assert not list(run.glob("checkpoints/.*.tmp"))
