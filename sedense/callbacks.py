@@ -15,15 +15,9 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from sedense import reports
+from sedense.checkpoints import run_dir
 from sedense.data import UNREADABLE, load_image, write_file_list
 from sedense.errors import ConfigError
-
-
-def run_dir(trainer: L.Trainer) -> Path:
-    """The run directory (``lightning_logs/version_N``), created if needed."""
-    path = Path(trainer.log_dir or trainer.default_root_dir)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 class PredictionWriter(BasePredictionWriter):
@@ -41,6 +35,10 @@ class PredictionWriter(BasePredictionWriter):
         sort_into: copy (or link) every input into ``<sort_into>/<predicted class>/``.
         sort_mode: ``copy``, ``symlink`` or ``hardlink``.
         threshold: with ``sort_into``, images whose confidence is below this go to ``uncertain/``.
+        tta: test-time augmentation: average each image's probabilities with its mirror image's
+            (twice the compute).
+        explain: also write a Grad-CAM heat map over every image (what the network looked at for
+            its top class) in ``explained/``; needs the ``explain`` extra (``grad-cam``).
     """
 
     def __init__(
@@ -50,6 +48,8 @@ class PredictionWriter(BasePredictionWriter):
         sort_into: str | None = None,
         sort_mode: Literal["copy", "symlink", "hardlink"] = "copy",
         threshold: float = 0.0,
+        explain: bool = False,
+        tta: bool = False,
     ) -> None:
         super().__init__(write_interval="batch")
         if top_k < 1:
@@ -61,20 +61,54 @@ class PredictionWriter(BasePredictionWriter):
         self.sort_into = Path(sort_into) if sort_into else None
         self.sort_mode = sort_mode
         self.threshold = threshold
+        self.explain = explain
+        self.tta = tta
         self._rows: list[tuple[int, list[float]]] = []
         self._failed: list[int] = []
 
     def on_predict_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._rows, self._failed = [], []
+        pl_module.tta = self.tta
+        if self.explain:
+            if not isinstance(getattr(pl_module.net, "features", None), torch.nn.Sequential):
+                raise ConfigError("predict_writer.explain needs a sedense checkpoint (.ckpt), not an exported model")
+            try:
+                import pytorch_grad_cam  # noqa: F401
+            except ImportError:
+                raise ConfigError("predict_writer.explain needs Grad-CAM: pip install 'sedense[explain]'") from None
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
         probs = prediction.detach().float().cpu().tolist()
         targets = batch[1].tolist()
+        if self.explain:
+            keep = [i for i, t in enumerate(targets) if t != UNREADABLE]
+            self._explain(trainer, pl_module, batch[0][keep], [int(batch_indices[i]) for i in keep])
         for index, row, target in zip(batch_indices, probs, targets):
             if target == UNREADABLE:
                 self._failed.append(int(index))
             else:
                 self._rows.append((int(index), row))
+
+    def _explain(self, trainer: L.Trainer, pl_module: L.LightningModule, x: torch.Tensor, indices: list[int]) -> None:
+        """Grad-CAM of the top class at the network's last feature map, laid over each input."""
+        from PIL import Image
+        from pytorch_grad_cam import GradCAM
+        from pytorch_grad_cam.utils.image import show_cam_on_image
+
+        if not indices:
+            return
+        net = pl_module.net
+        data = trainer.datamodule
+        with torch.inference_mode(False), torch.enable_grad():  # prediction runs without autograd
+            x = x.clone().float()
+            with GradCAM(model=net, target_layers=[net.features[-1]]) as cam:
+                maps = cam(input_tensor=x, targets=None)  # None: the top class of each image
+        images = reports.denormalize(x, data.hparams.mean, data.hparams.std)
+        root = predict_base(data.predict_root)
+        for image, heat, index in zip(images, maps, indices):
+            dst = (run_dir(trainer) / "explained" / relative_to(data.predict_files[index], root)).with_suffix(".png")
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(show_cam_on_image(image, heat, use_rgb=True)).save(dst)
 
     def _gather(self, trainer: L.Trainer) -> tuple[list, list]:
         rows, failed = self._rows, self._failed
@@ -119,6 +153,8 @@ class PredictionWriter(BasePredictionWriter):
             for r in records:
                 annotate_image(Path(r["path"]), f"{r['class']} {r['confidence']:.2f}", folder / "annotated" / relative_to(Path(r["path"]), root))
             written.append(folder / "annotated")
+        if self.explain:
+            written.append(folder / "explained")
         if self.sort_into is not None:
             sort_files(records, self.sort_into, root, self.sort_mode, self.threshold)
             written.append(self.sort_into)

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import io
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +11,7 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from sedense.errors import ConfigError
+from sedense.reports import write_atomic
 
 RUN_DIR = re.compile(r"version_(\d+)")
 
@@ -25,21 +24,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     """
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         buffer = io.BytesIO()
-        torch.save(checkpoint, buffer)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(buffer.getbuffer())
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        torch.save(checkpoint, buffer)  # fails before anything is written when the state cannot be saved
+        write_atomic(Path(path), buffer.getbuffer())
 
 
 def run_dirs(root_dir: str | Path = ".") -> list[tuple[int, Path]]:
@@ -74,3 +61,25 @@ def run_version(ckpt_path: str | Path) -> tuple[Path, int] | None:
     if path.parent.name == "checkpoints" and match:
         return run.parent, int(match.group(1))
     return None
+
+
+def resolve_ckpt_path(spec: str, root_dir: str | Path = ".") -> Path:
+    """``best``/``last`` (the newest run's) or an existing file; otherwise one clear error."""
+    if spec in ("best", "last"):
+        return find_checkpoint(spec, root_dir)
+    if not Path(spec).is_file():
+        raise ConfigError(f"--ckpt_path {spec}: no such file; give a .ckpt file, `best` or `last`")
+    return Path(spec)
+
+
+def run_dir(trainer) -> Path:
+    """The run directory (``lightning_logs/version_N``), created if needed.
+
+    Unlike ``Trainer.log_dir`` this is no collective (that one broadcasts rank 0's path), so it
+    may be called on rank 0 alone, which is the only process that writes files.
+    """
+    logger = trainer.logger
+    path = getattr(logger, "log_dir", None) or getattr(logger, "save_dir", None) or trainer.default_root_dir
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    return path

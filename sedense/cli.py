@@ -14,13 +14,14 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from sedense.callbacks import PredictionWriter, ReportWriter
-from sedense.checkpoints import AtomicCheckpointIO, find_checkpoint, run_version
+from sedense.checkpoints import AtomicCheckpointIO, resolve_ckpt_path, run_dir, run_version
+from sedense.export import OnnxNet, export_command, load_exported
+from sedense.serve import serve_command
 from sedense.data import ImageFolderDataModule, scan_dataset
 from sedense.errors import ConfigError, SedenseError
 from sedense.models.pretrained import official_weights, safe_load
 from sedense.module import ImageClassifier
 
-CKPT_ALIASES = ("best", "last")
 # How a model sees its images is part of the model: these data options are taken from the
 # checkpoint whenever one is given to validate, test or predict.
 PREPROCESSING_KEYS = ("image_size", "eval_crop", "mean", "std")
@@ -69,10 +70,19 @@ class SedenseCLI(LightningCLI):
             return
         cfg = self.config[sub]
         ckpt = cfg.get("ckpt_path")
-        if ckpt in CKPT_ALIASES:
-            cfg.ckpt_path = ckpt = str(find_checkpoint(ckpt, cfg.trainer.get("default_root_dir") or "."))
-        elif ckpt and not Path(ckpt).is_file():
-            raise ConfigError(f"--ckpt_path {ckpt}: no such file; give a .ckpt file, `best` or `last`")
+        if ckpt:
+            cfg.ckpt_path = ckpt = str(resolve_ckpt_path(ckpt, cfg.trainer.get("default_root_dir") or "."))
+        self.onnx_path = None
+        if ckpt and ckpt.endswith(".onnx"):
+            if sub != "predict":
+                raise ConfigError(f"--ckpt_path {ckpt}: an ONNX model can only predict; give the .ckpt to {sub}")
+            # An exported model predicts through ONNX Runtime, with the classes and preprocessing
+            # written beside it; there is no Lightning checkpoint to restore.
+            self.onnx_path, cfg.ckpt_path = ckpt, None
+            cfg.model.class_names, preprocessing = load_exported(ckpt)
+            for key in PREPROCESSING_KEYS:
+                cfg.data[key] = preprocessing[key]
+            return
         if ckpt and cfg.get("weights_only") is not False:
             # Refuse a checkpoint that would unpickle arbitrary objects, with one line, before
             # Lightning loads it (`--weights_only false` trusts the file).
@@ -85,7 +95,7 @@ class SedenseCLI(LightningCLI):
                     cfg.data[key] = data_hparams[key]
 
     def before_instantiate_classes(self) -> None:
-        cfg = self.config[self.subcommand]
+        cfg = self.config[self.subcommand] if self.subcommand else self.config
         from_checkpoint = bool(cfg.get("ckpt_path")) and bool(cfg.model.get("class_names"))
         if not from_checkpoint and cfg.data.get("root"):
             data = cfg.data
@@ -101,6 +111,11 @@ class SedenseCLI(LightningCLI):
         strategy = self.trainer.strategy
         if type(strategy.checkpoint_io) is TorchCheckpointIO:
             strategy.checkpoint_io = AtomicCheckpointIO()
+
+    def before_predict(self) -> None:
+        if self.onnx_path:
+            self.model.net = OnnxNet(self.onnx_path)
+            self.model.hparams.channels_last = False
 
     def before_fit(self) -> None:
         # Resuming a run (`--ckpt_path last`) continues in its own folder: same checkpoints,
@@ -118,7 +133,7 @@ class SedenseCLI(LightningCLI):
         if self.trainer.is_global_zero and ckpt is not None and ckpt.best_model_path:
             score = ckpt.best_model_score
             print(f"Best checkpoint: {ckpt.best_model_path} ({ckpt.monitor}={float(score):.4f})")
-            print(f"Run directory: {self.trainer.log_dir}")
+            print(f"Run directory: {run_dir(self.trainer)}")
 
 
 def write_digits(out: Path, test_out: Path | None, holdout: float, size: int, seed: int) -> tuple[int, int]:
@@ -175,11 +190,14 @@ def digits_command(argv: list[str]) -> None:
     print(f"Wrote {n_train} images to {out}" + (f" and {n_test} held-out images to {test_out}" if test_out else ""))
 
 
-COMMANDS = {"digits": digits_command}
+COMMANDS = {"digits": digits_command, "export": export_command, "serve": serve_command}
 
 
-def cli_main(args: list[str] | None = None) -> SedenseCLI:
-    """Run LightningCLI in-process (``args`` as on the command line); returns the CLI object."""
+def cli_main(args: list[str] | None = None, run: bool = True) -> SedenseCLI:
+    """Run LightningCLI in-process (``args`` as on the command line); returns the CLI object.
+
+    With ``run=False`` the arguments carry no subcommand and only the objects are built.
+    """
     warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=r".*The dirpath has changed from.*")
     warnings.filterwarnings("ignore", message=r".*LeafSpec.*is deprecated.*")
@@ -192,6 +210,7 @@ def cli_main(args: list[str] | None = None) -> SedenseCLI:
         auto_configure_optimizers=False,  # the optimiser and schedule are model options
         parser_kwargs={"description": "sedense: train and run SE-DenseNet / DenseNet image classifiers."},
         args=args,
+        run=run,
     )
 
 

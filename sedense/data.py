@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import BinaryIO, Literal
 
 import lightning as L
 import numpy as np
@@ -26,6 +26,7 @@ from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2 as T
 
+from sedense.checkpoints import run_dir
 from sedense.errors import DataError
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
@@ -47,14 +48,14 @@ def list_images(folder: Path) -> list[Path]:
     return sorted(found)
 
 
-def check_image(path: Path, verify: str = "header") -> str | None:
-    """Why ``path`` cannot be used as an image, or ``None`` when it can.
+def check_image(path: Path | BinaryIO, verify: str = "header") -> str | None:
+    """Why ``path`` (a file, or an open binary stream) cannot be used as an image, or ``None``.
 
     ``header`` opens the file and reads its size and mode only (cheap); ``full`` also decodes
     every pixel, which finds truncated files too.
     """
     try:
-        if path.stat().st_size == 0:
+        if isinstance(path, Path) and path.stat().st_size == 0:
             return "empty file"
         with Image.open(path) as img:
             pixels = img.width * img.height
@@ -581,13 +582,12 @@ class ImageFolderDataModule(L.LightningDataModule):
 
     def _write_run_files(self, split: Split) -> None:
         trainer = self.trainer
-        if trainer is None or not trainer.is_global_zero or trainer.log_dir is None:
+        if trainer is None or not trainer.is_global_zero:
             return
-        run_dir = Path(trainer.log_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        with open(run_dir / "class_indices.json", "w", encoding="utf-8") as f:
+        folder = run_dir(trainer)
+        with open(folder / "class_indices.json", "w", encoding="utf-8") as f:
             json.dump({str(i): c for i, c in enumerate(split.class_names)}, f, indent=2, ensure_ascii=False)
-        with open(run_dir / "split.csv", "w", newline="", encoding="utf-8") as f:
+        with open(folder / "split.csv", "w", newline="", encoding="utf-8") as f:
             writer = csv.writer(f)
             writer.writerow(["path", "class", "subset"])
             for subset, pairs in (("train", split.train), ("val", split.val), ("test", split.test)):
@@ -596,9 +596,8 @@ class ImageFolderDataModule(L.LightningDataModule):
 
     def _write_skipped(self, skipped: list[tuple[Path, str]]) -> None:
         trainer = self.trainer
-        if skipped and trainer is not None and trainer.is_global_zero and trainer.log_dir is not None:
-            Path(trainer.log_dir).mkdir(parents=True, exist_ok=True)
-            write_file_list(Path(trainer.log_dir) / "skipped_files.csv", skipped)
+        if skipped and trainer is not None and trainer.is_global_zero:
+            write_file_list(run_dir(trainer) / "skipped_files.csv", skipped)
 
     def _loader(self, dataset: Dataset, shuffle: bool = False, drop_last: bool = False) -> DataLoader:
         sampler = None

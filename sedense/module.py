@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Literal
 
 import lightning as L
@@ -17,7 +18,8 @@ from torchmetrics.classification import MulticlassConfusionMatrix
 from sedense.callbacks import FreezeBackbone
 from sedense.errors import ConfigError, TrainingError
 from sedense.models import build_model
-from sedense.models.pretrained import load_backbone, load_official_state_dict, load_weights_file
+from sedense.data import IMAGENET_MEAN, IMAGENET_STD
+from sedense.models.pretrained import load_backbone, load_official_state_dict, load_weights_file, safe_load
 
 
 class ImageClassifier(L.LightningModule):
@@ -123,6 +125,7 @@ class ImageClassifier(L.LightningModule):
         self.class_names = list(class_names)
         self._weights_loaded = False
         self._compiled = False
+        self.tta = False  # a prediction option (``predict_writer.tta``), not part of the model
         try:
             self.net = build_model(
                 arch,
@@ -149,6 +152,29 @@ class ImageClassifier(L.LightningModule):
         self.train_cm = MulticlassConfusionMatrix(k)
         self.val_cm = MulticlassConfusionMatrix(k)
         self.test_cm = MulticlassConfusionMatrix(k)
+
+    @classmethod
+    def for_inference(cls, ckpt_path: str | Path) -> tuple[ImageClassifier, dict]:
+        """A trained classifier in eval mode, and its preprocessing, from a sedense checkpoint alone.
+
+        Loaded without unpickling objects; no dataset, pretrained file or network is needed.
+        """
+        ckpt = safe_load(ckpt_path, "--ckpt_path")
+        if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "hyper_parameters" not in ckpt:
+            raise ConfigError(f"--ckpt_path: {ckpt_path} is not a sedense checkpoint (no state_dict/hyper_parameters)")
+        hparams = {k: v for k, v in ckpt["hyper_parameters"].items() if not k.startswith("_")}  # not LightningCLI's keys
+        hparams.update(pretrained=False, weights=None, compile=False, ema_decay=None)
+        model = cls(**hparams)
+        model.load_state_dict(ckpt["state_dict"])
+        model._weights_loaded = True
+        data = ckpt.get("datamodule_hyper_parameters") or {}
+        preprocessing = {
+            "image_size": int(data.get("image_size", 224)),
+            "eval_crop": float(data.get("eval_crop", 0.875)),
+            "mean": [float(v) for v in data.get("mean", IMAGENET_MEAN)],
+            "std": [float(v) for v in data.get("std", IMAGENET_STD)],
+        }
+        return model.eval(), preprocessing
 
     @property
     def num_classes(self) -> int:
@@ -239,7 +265,10 @@ class ImageClassifier(L.LightningModule):
 
     def predict_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
         x, _ = batch
-        return self(x).float().softmax(dim=1)
+        probs = self(x).float().softmax(dim=1)
+        if self.tta:
+            probs = (probs + self(x.flip(-1)).float().softmax(dim=1)) / 2
+        return probs
 
     def _log_epoch_accuracy(self, prefix: str) -> None:
         cm = getattr(self, f"{prefix}_cm")

@@ -114,7 +114,7 @@ def test_empty_class_folder_is_one_line(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     data = make_folder(tmp_path / "d", {"a": 3, "b": 3})
     (data / "c").mkdir()
-    _fails_with(["fit", *TINY, "--data.root", str(data)], capsys, "holds no images")
+    _fails_with(["fit", *TINY, "--data.root", str(data)], capsys, "holds no usable images")
 
 
 def test_digits_command_writes_an_image_folder(tmp_path):

@@ -78,7 +78,7 @@ def test_error_empty_class_folder(tmp_path):
     make_folder(tmp_path, {"a": 3, "b": 3})
     (tmp_path / "c").mkdir()
     message = _error(tmp_path)
-    assert "holds no images" in message and str(tmp_path / "c") in message
+    assert "holds no usable images" in message and str(tmp_path / "c") in message
 
 
 def test_error_single_class(tmp_path):

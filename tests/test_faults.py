@@ -129,7 +129,7 @@ def test_two_processes_count_every_image_once_and_match_one_process(tmp_path):
     run_sedense(["predict", *base, *ddp, "--ckpt_path", "best", "--data.predict_root", "data/glass"], tmp_path)
     newest = max((tmp_path / "lightning_logs").glob("version_*"), key=lambda p: int(p.name.split("_")[1]))
     rows = read_csv(newest / "predictions.csv")
-    assert [r["path"] for r in rows] == sorted(str(p) for p in Path(tmp_path / "data/glass").glob("*.png"))
+    assert [r["path"] for r in rows] == sorted(str(p.relative_to(tmp_path)) for p in (tmp_path / "data/glass").glob("*.png"))
 
 
 def test_a_killed_run_resumes_in_its_folder_with_every_epoch_once(tmp_path):

@@ -81,20 +81,27 @@ class _DenseLayer(nn.Module):
         self.drop_rate = float(drop_rate)
         self.memory_efficient = memory_efficient
 
+    @staticmethod
+    def _norm(norm: nn.BatchNorm2d, x: Tensor, update_stats: bool) -> Tensor:
+        if update_stats or not norm.training:
+            return norm(x)
+        # The recomputation in the backward pass: the same op on the same batch statistics, but
+        # the running statistics were already updated in the forward pass and must not move
+        # twice, so this call updates throwaway copies.
+        momentum = 0.1 if norm.momentum is None else norm.momentum
+        return F.batch_norm(
+            x, norm.running_mean.clone(), norm.running_var.clone(), norm.weight, norm.bias, True, momentum, norm.eps
+        )
+
     def bn_function(self, inputs: list[Tensor], update_stats: bool = True) -> Tensor:
-        """Concatenate the earlier outputs and apply norm1 → relu1 → conv1 (the bottleneck)."""
-        x = torch.cat(inputs, 1)
-        if update_stats or not self.norm1.training:
-            x = self.norm1(x)
-        else:
-            # The recomputation in the backward pass: the same op on the same batch statistics, but
-            # the running statistics were already updated in the forward pass and must not move
-            # twice, so this call updates throwaway copies.
-            norm = self.norm1
-            x = F.batch_norm(
-                x, norm.running_mean.clone(), norm.running_var.clone(), norm.weight, norm.bias, True, 0.1, norm.eps
-            )
-        return self.conv1(self.relu1(x))
+        """Everything before the 3×3 conv: concat → norm1 → relu1 → conv1 → norm2 → relu2.
+
+        In memory-efficient mode this is what is recomputed in the backward pass: of the whole
+        layer only its input list and the 3×3 conv's input and output are kept.
+        """
+        x = self._norm(self.norm1, torch.cat(inputs, 1), update_stats)
+        x = self._norm(self.norm2, self.conv1(self.relu1(x)), update_stats)
+        return self.relu2(x)
 
     def _checkpointed_bn_function(self, inputs: list[Tensor]) -> Tensor:
         calls = 0
@@ -112,7 +119,7 @@ class _DenseLayer(nn.Module):
             bottleneck = self._checkpointed_bn_function(inputs)
         else:
             bottleneck = self.bn_function(inputs)
-        out = self.conv2(self.relu2(self.norm2(bottleneck)))
+        out = self.conv2(bottleneck)
         if self.se is not None:
             out = self.se(out)
         if self.drop_rate > 0:
@@ -160,7 +167,7 @@ class SEDenseNet(nn.Module):
         num_classes: width of the classifier.
         small_inputs: a 3×3 stride-1 stem for small images (CIFAR-style) instead of the
             7×7/2 convolution and 3×3/2 max-pool of the ImageNet stem.
-        memory_efficient: recompute each layer's concat → BN → ReLU → 1×1 conv in the backward
+        memory_efficient: recompute each layer's concat → BN → ReLU → 1×1 conv → BN → ReLU in the backward
             pass instead of storing it: much less activation memory for some extra time. Outputs,
             gradients and BatchNorm statistics are the same as without it.
         se_reduction: channel reduction of the SE blocks; 0 builds no SE blocks (plain DenseNet).

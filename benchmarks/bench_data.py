@@ -1,0 +1,88 @@
+"""Images/s of the input pipeline alone (decode + augment, default workers) against the model's training images/s.
+
+The model must be the bottleneck: the loader has to deliver images faster than the network
+trains on them. Measured in one run, on the TrashNet recipe's transforms, with and without
+``data.cache``. Prints one JSON object.
+
+    python benchmarks/bench_data.py            # TrashNet (if present) at 112 px, batch 32
+    python benchmarks/bench_data.py --quick    # synthetic photos, fewer batches (under a minute)
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from common import dataset_root, device_info, emit, median_time
+from sedense.data import ImageFolderDataModule, default_num_workers
+from sedense.models import build_model
+
+
+def loader_rate(data: ImageFolderDataModule, batches: int) -> float:
+    loader = data.train_dataloader()
+    it = iter(loader)
+    next(it)  # workers started, first batch ready
+    start, n = time.perf_counter(), 0
+    for _ in range(batches):
+        try:
+            x, _ = next(it)
+        except StopIteration:
+            break
+        n += len(x)
+    return n / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--data", default=None)
+    parser.add_argument("--num_workers", type=int, default=None, help="default: one per core, at most 8")
+    args = parser.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="sedense-bench-"))
+    root, described = dataset_root(args.data, tmp, args.quick)
+    size, batch, batches = (112, 16, 4) if args.quick else (112, 32, 40)
+    workers = default_num_workers() if args.num_workers is None else args.num_workers
+    common = dict(root=str(root), image_size=size, batch_size=batch, num_workers=workers, crop_scale=(0.35, 1.0),
+                  vflip=0.5, rotation=15, color_jitter=0.2)
+    rates = {}
+    for cache in (False, True):
+        data = ImageFolderDataModule(**common, cache=cache)
+        data.setup("fit")
+        rates[cache] = loader_rate(data, batches)
+
+    torch.manual_seed(0)
+    model = build_model("se_densenet121", num_classes=6, growth_rate=16, num_init_features=32)
+    model = model.to(memory_format=torch.channels_last).train()
+    opt = torch.optim.AdamW(model.parameters())
+    x = torch.randn(batch, 3, size, size).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 6, (batch,))
+
+    def step():
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    model_ips = batch / median_time(step, repeats=2 if args.quick else 5)
+    emit({
+        "benchmark": "data",
+        "quick": args.quick,
+        "data": described,
+        **device_info(),
+        "num_workers": workers,
+        "batch": batch,
+        "image_size": size,
+        "loader_img_s": round(rates[False], 1),
+        "loader_cached_img_s": round(rates[True], 1),
+        "model_train_img_s": round(model_ips, 1),
+        "loader_to_model_ratio": round(rates[False] / model_ips, 2),
+        "model_is_bottleneck": rates[False] > model_ips,
+    })
+
+
+if __name__ == "__main__":
+    main()

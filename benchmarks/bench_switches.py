@@ -1,0 +1,67 @@
+"""Training images/s of the speed switches, side by side: fp32, channels-last, bf16 autocast, torch.compile.
+
+Same model, batch and seed for each; timed alternately after warm-up (compilation is timed
+separately). Prints one JSON object.
+
+    python benchmarks/bench_switches.py            # the TrashNet recipe's SE-DenseNet at 112 px, batch 32
+    python benchmarks/bench_switches.py --quick    # a small SE-DenseNet at 64 px (under a minute)
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from common import device_info, emit, median_time
+from sedense.models import build_model
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--no-compile", action="store_true", help="skip torch.compile (needs a C++ compiler on CPU)")
+    args = parser.parse_args()
+    size, batch, repeats = (64, 16, 2) if args.quick else (112, 32, 4)
+    overrides = {"block_config": [4, 4, 4]} if args.quick else {}
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    x = torch.randn(batch, 3, size, size, device=device)
+    y = torch.randint(0, 6, (batch,), device=device)
+    variants = {"fp32": (False, False, False), "channels_last": (True, False, False), "bf16": (True, True, False)}
+    if not args.no_compile:
+        variants["compile"] = (True, False, True)
+    result = {"benchmark": "switches", "quick": args.quick, **device_info(), "image_size": size, "batch": batch}
+    for name, (channels_last, bf16, compiled) in variants.items():
+        torch.manual_seed(0)
+        model = build_model("se_densenet121", num_classes=6, growth_rate=16, num_init_features=32, **overrides)
+        model = model.to(device).train()
+        inputs = x
+        if channels_last:
+            model, inputs = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+        if compiled:
+            model.compile()
+        opt = torch.optim.AdamW(model.parameters())
+
+        def step(model=model, opt=opt, inputs=inputs, bf16=bf16):
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
+                loss = torch.nn.functional.cross_entropy(model(inputs), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if device == "cuda":
+                torch.cuda.synchronize()
+
+        start = time.perf_counter()
+        step()  # the first step compiles
+        first = time.perf_counter() - start
+        seconds = median_time(step, repeats, warmup=1)
+        result[name] = {"img_s": round(batch / seconds, 1), "first_step_s": round(first, 1)}
+    base = result["fp32"]["img_s"]
+    for name in variants:
+        result[name]["speedup"] = round(result[name]["img_s"] / base, 2)
+    emit(result)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,74 @@
+"""Helpers shared by the benchmarks: synthetic photo folders, timing, peak memory, JSON output."""
+
+from __future__ import annotations
+
+import json
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+TRASHNET = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "trashnet"
+
+
+def photo_folder(root: Path, classes: int = 6, per_class: int = 40, size: tuple[int, int] = (512, 384)) -> Path:
+    """JPEG 'photos' (smooth colour fields plus noise, the size of TrashNet's) in class folders."""
+    rng = np.random.default_rng(0)
+    for c in range(classes):
+        folder = root / f"class{c}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            w, h = size
+            base = rng.integers(0, 255, (h // 32 + 1, w // 32 + 1, 3)).astype(np.uint8)
+            img = Image.fromarray(base).resize((w, h), Image.Resampling.BICUBIC)
+            noise = rng.normal(0, 12, (h, w, 3))
+            pixels = np.clip(np.asarray(img, dtype=np.float64) + noise, 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(folder / f"{i:04d}.jpg", quality=90)
+    return root
+
+
+def dataset_root(arg: str | None, tmp: Path, quick: bool) -> tuple[Path, str]:
+    """``--data`` if given, TrashNet if present (full mode), else a synthetic folder."""
+    if arg:
+        return Path(arg), arg
+    if TRASHNET.is_dir() and not quick:
+        return TRASHNET, "trashnet"
+    return photo_folder(tmp / "photos", per_class=20 if quick else 60), "synthetic 512x384 JPEGs"
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, in MiB."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (2**20 if sys.platform == "darwin" else 2**10)
+
+
+def rss_mb() -> float:
+    """Current resident memory of this process, in MiB (Linux)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+def median_time(fn, repeats: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def device_info() -> dict:
+    if torch.cuda.is_available():
+        return {"device": torch.cuda.get_device_name(), "threads": torch.get_num_threads()}
+    return {"device": "cpu", "threads": torch.get_num_threads()}
+
+
+def emit(result: dict) -> None:
+    print(json.dumps(result, indent=2))

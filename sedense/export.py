@@ -1,0 +1,158 @@
+"""Export a trained classifier to ONNX or TorchScript, with its classes and preprocessing beside it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from sedense.data import build_transforms, filter_images, list_images, load_image
+from sedense.errors import ConfigError, SedenseError
+from sedense.module import ImageClassifier
+
+FORMATS = {"onnx": "model.onnx", "torchscript": "model.pt"}
+PARITY_TOLERANCE = 1e-4
+
+
+def eval_batch(preprocessing: dict, images: Path | None, n: int = 8) -> tuple[torch.Tensor, str]:
+    """Up to ``n`` real images as the model sees them, or a random batch when none can be found."""
+    transform = build_transforms(False, preprocessing["image_size"], preprocessing["mean"], preprocessing["std"],
+                                 eval_crop=preprocessing["eval_crop"])
+    files: list[Path] = []
+    if images is not None and images.exists():
+        files = [images] if images.is_file() else filter_images(list_images(images)[: 4 * n])[0]
+    if files:
+        return torch.stack([transform(load_image(p)) for p in files[:n]]), f"{min(len(files), n)} images from {images}"
+    size = preprocessing["image_size"]
+    return torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0)), "a random batch (no images found)"
+
+
+def sidecar_files(out_dir: Path, class_names: list[str], preprocessing: dict, model_file: str) -> None:
+    """``class_indices.json`` and ``preprocessing.json``: what a program needs to use the exported file."""
+    with open(out_dir / "class_indices.json", "w", encoding="utf-8") as f:
+        json.dump({str(i): c for i, c in enumerate(class_names)}, f, indent=2, ensure_ascii=False)
+    size, crop = preprocessing["image_size"], preprocessing["eval_crop"]
+    spec = {
+        "model": model_file,
+        "input": {"name": "images", "shape": ["batch", 3, size, size], "dtype": "float32", "channels": "RGB"},
+        "output": {"name": "logits", "shape": ["batch", len(class_names)], "note": "softmax gives probabilities"},
+        "resize_shorter_side": int(round(size / crop)),
+        "center_crop": size,
+        "scale": "pixel / 255",
+        "mean": preprocessing["mean"],
+        "std": preprocessing["std"],
+        **preprocessing,
+    }
+    with open(out_dir / "preprocessing.json", "w", encoding="utf-8") as f:
+        json.dump(spec, f, indent=2)
+
+
+def export_onnx(net: nn.Module, example: torch.Tensor, path: Path) -> None:
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            net, (example,), input_names=["images"], output_names=["logits"],
+            dynamic_shapes={"x": {0: batch}}, dynamo=True, verbose=False,
+        )
+    program.save(str(path))
+
+
+def run_onnx(path: Path, batch: torch.Tensor) -> np.ndarray:
+    session = onnx_session(path)
+    return session.run(None, {"images": batch.numpy()})[0]
+
+
+def onnx_session(path: str | Path):
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise SedenseError("running an ONNX model needs ONNX Runtime: pip install 'sedense[onnx]'") from None
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=ort.get_available_providers())
+
+
+class OnnxNet(nn.Module):
+    """An exported ONNX classifier behind the ``nn.Module`` interface (CPU or CUDA through ONNX Runtime)."""
+
+    def __init__(self, path: str | Path) -> None:
+        super().__init__()
+        self.session = onnx_session(path)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.session.run(None, {"images": x.detach().float().cpu().contiguous().numpy()})[0]
+        return torch.from_numpy(out).to(x.device)
+
+
+def load_exported(path: str | Path) -> tuple[list[str], dict]:
+    """The classes and preprocessing written beside an exported model."""
+    folder = Path(path).parent
+    try:
+        classes = json.loads((folder / "class_indices.json").read_text(encoding="utf-8"))
+        spec = json.loads((folder / "preprocessing.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise ConfigError(
+            f"--ckpt_path {path}: class_indices.json and preprocessing.json must lie beside the exported model ({err})"
+        ) from None
+    names = [classes[str(i)] for i in range(len(classes))]
+    return names, {k: spec[k] for k in ("image_size", "eval_crop", "mean", "std")}
+
+
+def export(ckpt_path: Path, fmt: str, out_dir: Path | None = None, images: Path | None = None) -> tuple[Path, float]:
+    """Write the model in ``fmt`` with its sidecar files; returns the file and the largest difference."""
+    model, preprocessing = ImageClassifier.for_inference(ckpt_path)
+    net = model.net.float().eval().to(memory_format=torch.contiguous_format)
+    if out_dir is None:
+        out_dir = ckpt_path.parent.parent / "export" if ckpt_path.parent.name == "checkpoints" else ckpt_path.parent
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / FORMATS[fmt]
+    if images is None:
+        root = (torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+                .get("datamodule_hyper_parameters") or {}).get("root")
+        images = Path(root) if root else None
+    batch, described = eval_batch(preprocessing, images)
+    with torch.no_grad():
+        expected = net(batch)
+    if fmt == "onnx":
+        export_onnx(net, batch, path)
+        got = torch.from_numpy(run_onnx(path, batch))
+    else:
+        with torch.no_grad():
+            scripted = torch.jit.trace(net, batch[:1], check_trace=False)
+        scripted.save(str(path))
+        with torch.no_grad():
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)
+                got = torch.jit.load(str(path), map_location="cpu")(batch)
+    sidecar_files(out_dir, model.class_names, preprocessing, path.name)
+    diff = float((got - expected).abs().max())
+    same = bool((got.argmax(1) == expected.argmax(1)).all())
+    print(f"Exported {ckpt_path} to {path}")
+    print(f"Parity on {described}: largest logit difference {diff:.2e} (limit {PARITY_TOLERANCE:g}); "
+          f"same classes: {'yes' if same else 'NO'}")
+    print(f"Wrote {path}, {out_dir / 'class_indices.json'}, {out_dir / 'preprocessing.json'}")
+    if diff > PARITY_TOLERANCE or not same:
+        raise SedenseError(f"the {fmt} model differs from PyTorch by {diff:.2e} (> {PARITY_TOLERANCE:g}); do not use {path}")
+    return path, diff
+
+
+def export_command(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(
+        prog="sedense export",
+        description="Export a trained classifier to ONNX or TorchScript, check it against PyTorch.",
+    )
+    parser.add_argument("--ckpt_path", required=True, help="a sedense checkpoint (.ckpt), `best` or `last`")
+    parser.add_argument("--format", choices=sorted(FORMATS), default="onnx", help="the format to write")
+    parser.add_argument("--out", type=Path, default=None, help="output folder (default: the run's export/ folder)")
+    parser.add_argument("--images", type=Path, default=None,
+                        help="images for the parity check (default: the training data, if it is still there)")
+    args = parser.parse_args(argv)
+    from sedense.checkpoints import resolve_ckpt_path
+
+    export(resolve_ckpt_path(args.ckpt_path), args.format, args.out, args.images)

@@ -1,0 +1,170 @@
+"""Using a trained model: batch prediction over messy folders, export, Grad-CAM and the HTTP service."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from conftest import TINY, make_bad_corpus, make_folder, make_image, run_sedense
+
+PREDICT = ["--data.num_workers", "0", "--trainer.enable_progress_bar", "false", "--trainer.accelerator", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """A folder holding a tiny trained run (lightning_logs/version_0) and its data."""
+    root = tmp_path_factory.mktemp("trained")
+    make_folder(root / "data", {"cardboard": 8, "glass": 8, "metal": 8})
+    run_sedense(["fit", *TINY, "--data.root", "data", "--trainer.max_epochs", "2"], root)
+    return root
+
+
+def newest_run(root: Path) -> Path:
+    return max((root / "lightning_logs").glob("version_*"), key=lambda p: int(p.name.split("_")[1]))
+
+
+def predict(root: Path, spec: str, *extra: str, ckpt: str = "best") -> tuple[Path, subprocess.CompletedProcess]:
+    proc = run_sedense(["predict", "--ckpt_path", ckpt, "--data.predict_root", spec, *PREDICT, *extra], root)
+    return newest_run(root), proc
+
+
+def rows(path: Path) -> list[dict]:
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def test_predict_over_a_messy_folder_lists_every_bad_file_and_each_good_image_once(trained, tmp_path):
+    corpus = make_bad_corpus(tmp_path / "inbox")
+    nested = make_image(tmp_path / "inbox" / "deep" / "er" / "新しい photo.png", (200, 140, 60))
+    run, proc = predict(trained, str(tmp_path / "inbox"))
+    good = sorted(str(p) for p in corpus["good"] + [nested])
+    assert [r["path"] for r in rows(run / "predictions.csv")] == good
+    errors = {r["path"]: r["reason"] for r in rows(run / "predict_errors.csv")}
+    assert set(errors) == {str(p) for p in corpus["bad"] + corpus["truncated"]}
+    assert errors[str(corpus["truncated"][0])] == "cannot be decoded"
+    assert "skipped 5 unreadable file(s)" in proc.stdout
+    records = json.loads((run / "predictions.json").read_text(encoding="utf-8"))
+    assert [r["path"] for r in records] == good
+    for record, row in zip(records, rows(run / "predictions.csv")):
+        assert record["class"] == row["class"] == record["top_k"][0]["class"]
+        assert sum(t["probability"] for t in record["top_k"]) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_predict_takes_an_image_a_glob_or_a_list(trained, tmp_path):
+    data = trained / "data"
+    one, _ = predict(trained, str(data / "glass" / "glass_003.png"))
+    assert [r["path"] for r in rows(one / "predictions.csv")] == [str(data / "glass" / "glass_003.png")]
+    globbed, _ = predict(trained, str(data / "*" / "*_00[12].png"))
+    assert len(rows(globbed / "predictions.csv")) == 6
+    listing = tmp_path / "todo.txt"
+    listing.write_text(f"# photos to sort\n{data / 'metal' / 'metal_000.png'}\nmissing.png\n", encoding="utf-8")
+    listed, _ = predict(trained, str(listing))
+    assert [r["path"] for r in rows(listed / "predictions.csv")] == [str(data / "metal" / "metal_000.png")]
+    assert rows(listed / "predict_errors.csv") == [{"path": str(tmp_path / "missing.png"), "reason": "no such file"}]
+
+
+def test_annotate_sort_threshold_tta_and_explain(trained, tmp_path):
+    data = trained / "data"
+    plain, _ = predict(trained, str(data))
+    run, _ = predict(trained, str(data), "--predict_writer.annotate", "true", "--predict_writer.explain", "true",
+                     "--predict_writer.sort_into", str(tmp_path / "sorted"), "--predict_writer.threshold", "0.5")
+    predicted = rows(run / "predictions.csv")
+    assert predicted == rows(plain / "predictions.csv")
+    for r in predicted:
+        rel = Path(r["path"]).relative_to(data)
+        assert (run / "annotated" / rel).is_file() and (run / "explained" / rel.with_suffix(".png")).is_file()
+        folder = r["class"] if float(r["confidence"]) >= 0.5 else "uncertain"
+        assert (tmp_path / "sorted" / folder / rel).read_bytes() == Path(r["path"]).read_bytes()
+    tta, _ = predict(trained, str(data), "--predict_writer.tta", "true")
+    flipped = rows(tta / "predictions.csv")
+    assert [r["path"] for r in flipped] == [r["path"] for r in predicted]
+    assert any(a["confidence"] != b["confidence"] for a, b in zip(flipped, predicted))
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_export_matches_pytorch(trained, fmt):
+    proc = run_sedense(["export", "--ckpt_path", "best", "--format", fmt], trained)
+    diff = float(proc.stdout.split("largest logit difference ")[1].split()[0])
+    assert diff <= 1e-4 and "same classes: yes" in proc.stdout
+    export = trained / "lightning_logs" / "version_0" / "export"
+    assert json.loads((export / "class_indices.json").read_text()) == {"0": "cardboard", "1": "glass", "2": "metal"}
+    assert json.loads((export / "preprocessing.json").read_text())["image_size"] == 16
+
+
+def test_onnx_predictions_equal_pytorch(trained):
+    run_sedense(["export", "--ckpt_path", "best", "--format", "onnx"], trained)
+    torch_run, _ = predict(trained, "data")
+    onnx_run, _ = predict(trained, "data", ckpt="lightning_logs/version_0/export/model.onnx")
+    ours, theirs = rows(torch_run / "predictions.csv"), rows(onnx_run / "predictions.csv")
+    assert [r["class"] for r in ours] == [r["class"] for r in theirs] and len(ours) == 24
+    for a, b in zip(ours, theirs):
+        assert float(a["confidence"]) == pytest.approx(float(b["confidence"]), abs=1e-4)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def server(trained):
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sedense", "serve", "--ckpt_path", "best", "--port", str(port), "--max_upload_mb", "1",
+         "--max_batch_size", "4", "--accelerator", "cpu"],
+        cwd=trained, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    requests = pytest.importorskip("requests")
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        try:
+            if requests.get(f"{url}/health", timeout=1).status_code == 200:
+                break
+        except requests.ConnectionError:
+            time.sleep(0.5)
+    else:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail(f"the service did not start:\n{proc.stdout.read().decode(errors='replace')}")
+    yield url
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def test_service_answers_a_concurrent_burst_and_rejects_bad_uploads(trained, server):
+    import requests
+
+    files = sorted((trained / "data").rglob("*.png"))
+    expected = {r["path"]: r for r in rows(predict(trained, "data")[0] / "predictions.csv")}
+
+    def post(path: Path):
+        return requests.post(f"{server}/predict", data=path.read_bytes(), timeout=60)
+
+    with ThreadPoolExecutor(12) as pool:
+        answers = list(pool.map(post, files))
+    assert [a.status_code for a in answers] == [200] * len(files)
+    for path, answer in zip(files, answers):
+        want = expected[str(path.relative_to(trained))]
+        assert answer.json()["class"] == want["class"]
+        assert answer.json()["confidence"] == pytest.approx(float(want["confidence"]), abs=1e-4)
+
+    multipart = requests.post(f"{server}/predict", files={"file": files[0].open("rb")}, timeout=60)
+    as_json = requests.post(f"{server}/predict", json={"image": base64.b64encode(files[0].read_bytes()).decode()}, timeout=60)
+    assert multipart.json() == as_json.json() == answers[0].json()
+
+    for body, status in ((b"definitely not an image", 400), (b"", 400), (files[0].read_bytes()[:60], 400),
+                         (b"\0" * (2 * 2**20), 413)):
+        bad = requests.post(f"{server}/predict", data=body, timeout=60)
+        assert bad.status_code == status and "error" in bad.json()
+    assert requests.get(f"{server}/health", timeout=5).status_code == 200  # still up

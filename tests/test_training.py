@@ -1,0 +1,79 @@
+"""Training options for small, imbalanced data and speed, all from YAML."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import TINY, make_folder, run_sedense
+
+from sedense.data import ImageFolderDataModule
+from sedense.module import ImageClassifier, batch_mixer
+
+RECIPE = """
+model:
+  mixup_alpha: 0.2
+  cutmix_alpha: 1.0
+  ema_decay: 0.9
+  channels_last: true
+  label_smoothing: 0.1
+  class_weights: balanced
+data:
+  cache: true
+trainer:
+  max_epochs: 5
+  callbacks:
+    - class_path: lightning.pytorch.callbacks.EarlyStopping
+      init_args: {monitor: val_acc, mode: max, patience: 1, min_delta: 1.0}
+"""
+
+
+def test_mixup_cutmix_ema_cache_and_early_stopping_from_yaml(tmp_path):
+    make_folder(tmp_path / "data", {"cardboard": 12, "glass": 6, "metal": 6})
+    (tmp_path / "recipe.yaml").write_text(RECIPE)
+    run_sedense(["fit", "--config", "recipe.yaml", *TINY, "--data.root", "data"], tmp_path)
+    run = tmp_path / "lightning_logs" / "version_0"
+    # min_delta 1.0 can never be met: the first epoch sets the best score, the second runs out of patience.
+    assert list(json.loads((run / "metrics.json").read_text())) == ["epoch:0", "epoch:1"]
+    last = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert "current_model_state" in last  # EMA: the checkpoint's weights are the average ...
+    averaged, current = last["state_dict"], last["current_model_state"]
+    assert not torch.equal(averaged["net.classifier.weight"], current["net.classifier.weight"])  # ... not the live ones
+    model, _ = ImageClassifier.for_inference(run / "checkpoints" / "last.ckpt")
+    assert torch.equal(model.net.classifier.weight, averaged["net.classifier.weight"])
+
+
+def test_batch_mixer_mixes_images_and_labels():
+    torch.manual_seed(0)
+    x = torch.stack([torch.full((3, 8, 8), float(i)) for i in range(4)])
+    y = torch.tensor([0, 1, 2, 0])
+    mixed, soft = batch_mixer(0.4, 0.0, 3)(x, y)
+    assert soft.shape == (4, 3) and torch.allclose(soft.sum(1), torch.ones(4))
+    lam = soft[0, 0] if y[0] != y[-1] else None
+    assert not torch.equal(mixed, x)
+    assert lam is None or torch.allclose(mixed[0], lam * x[0] + (1 - lam) * x[-1], atol=1e-5)
+    assert batch_mixer(0.0, 0.0, 3) is None
+
+
+def test_cache_gives_the_same_validation_tensors_as_decoding(tmp_path):
+    make_folder(tmp_path / "data", {"cardboard": 6, "glass": 6}, size=40)
+    tensors = {}
+    for cache in (False, True):
+        data = ImageFolderDataModule(str(tmp_path / "data"), image_size=16, num_workers=0, cache=cache)
+        data.setup("fit")
+        tensors[cache] = torch.stack([data.val_set[i][0] for i in range(len(data.val_set))])
+        assert data.val_set.cache is (None if not cache else data.val_set.cache)
+    assert torch.equal(tensors[False], tensors[True])
+
+
+@pytest.mark.parametrize(
+    "option, says",
+    [("--model.mixup_alpha=-1", "model.mixup_alpha"), ("--model.ema_decay=1.5", "model.ema_decay"),
+     ("--data.verify=deep", "data.verify")],
+)
+def test_bad_training_options_name_the_option(tmp_path, option, says):
+    make_folder(tmp_path / "data", {"cardboard": 4, "glass": 4})
+    proc = run_sedense(["fit", *TINY, "--data.root", "data", option], tmp_path, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert says in proc.stderr
