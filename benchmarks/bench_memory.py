@@ -108,13 +108,16 @@ def main() -> None:
     from common import device_info, emit
 
     result = {"benchmark": "memory", "quick": args.quick, **device_info()}
+    # Every memory measurement first, in fresh processes: Linux keeps a process's peak RSS across
+    # exec, so a child started after this process has trained would inherit this process's peak.
+    memory = {}
     for name in CONFIGS:
-        runs = {}
         for mode in ("plain", "efficient"):
             cmd = [sys.executable, __file__, "--child", name, mode] + (["--quick"] if args.quick else [])
             out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-            runs[mode] = json.loads(out.strip().splitlines()[-1])
-        plain, eff = runs["plain"], runs["efficient"]
+            memory[name, mode] = json.loads(out.strip().splitlines()[-1])
+    for name in CONFIGS:
+        plain, eff = memory[name, "plain"], memory[name, "efficient"]
         step = interleaved_step_times(name, args.quick)
         plain["step_s"], eff["step_s"] = round(step["plain"], 4), round(step["efficient"], 4)
         result[name] = {
