@@ -67,6 +67,7 @@ def interleaved_step_times(name: str, quick: bool) -> dict[str, float]:
 
     import torch
 
+    from common import train_step
     from sedense.models import build_model
 
     arch, overrides, size, batch, quick_batch = CONFIGS[name]
@@ -83,12 +84,7 @@ def interleaved_step_times(name: str, quick: bool) -> dict[str, float]:
     for i in range((2 if quick else 5) + 1):
         for mode, (model, opt) in runs.items():
             start = time.perf_counter()
-            loss = torch.nn.functional.cross_entropy(model(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if device == "cuda":
-                torch.cuda.synchronize()
+            train_step(model, opt, x, y)
             if i > 0:  # the first round is warm-up
                 times[mode].append(time.perf_counter() - start)
     return {mode: statistics.median(t) for mode, t in times.items()}

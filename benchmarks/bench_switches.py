@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from common import device_info, emit, median_time
+from common import device_info, emit, median_time, train_step
 from sedense.models import build_model
 
 
@@ -44,13 +44,7 @@ def main() -> None:
         opt = torch.optim.AdamW(model.parameters())
 
         def step(model=model, opt=opt, inputs=inputs, bf16=bf16):
-            with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
-                loss = torch.nn.functional.cross_entropy(model(inputs), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if device == "cuda":
-                torch.cuda.synchronize()
+            train_step(model, opt, inputs, y, bf16)
 
         start = time.perf_counter()
         step()  # the first step compiles

@@ -64,6 +64,18 @@ def median_time(fn, repeats: int, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
+def train_step(model, opt, x, y, bf16: bool = False) -> None:
+    """One optimisation step on ``(x, y)``; waits for the GPU, so that it can be timed."""
+    device = x.device.type
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
 def device_info() -> dict:
     if torch.cuda.is_available():
         return {"device": torch.cuda.get_device_name(), "threads": torch.get_num_threads()}
