@@ -30,6 +30,7 @@ from sedense.checkpoints import resolve_ckpt_path
 from sedense.data import ImageFolderDataModule, build_transforms, list_images, load_image
 from sedense.export import OnnxNet, export
 from sedense.module import ImageClassifier
+from sedense.serve import wait_until_healthy
 
 
 def one_at_a_time(model: ImageClassifier, pre: dict, files: list[Path]) -> float:
@@ -60,13 +61,8 @@ def service(ckpt: Path, files: list[Path], clients: int, cwd: Path) -> dict:
                             cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            try:
-                if requests.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                time.sleep(0.5)
+        if not wait_until_healthy(url):
+            raise SystemExit("the service did not start")
         bodies = [p.read_bytes() for p in files]
 
         def post(body: bytes) -> float:

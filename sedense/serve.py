@@ -139,6 +139,24 @@ class ClassifierAPI(ls.LitAPI if ls is not None else object):
         return topk_record(probs, self.model.class_names, self.top_k)
 
 
+def wait_until_healthy(url: str, timeout: float = 180.0) -> bool:
+    """Poll ``url/health`` until the service answers 200 (model loaded); ``False`` after ``timeout`` s."""
+    import time
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=1) as response:
+                if response.status == 200:
+                    return True
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        time.sleep(0.5)
+    return False
+
+
 def build_server(ckpt_path: Path, top_k: int = 5, max_batch_size: int = 8, batch_timeout: float = 0.01,
                  max_upload_mb: float = 10.0, accelerator: str = "auto", workers_per_device: int = 1):
     """A LitServer for the classifier in ``ckpt_path`` (POST /predict, GET /health)."""

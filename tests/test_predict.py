@@ -10,12 +10,13 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 from conftest import TINY, make_bad_corpus, make_folder, make_image, run_sedense
+
+from sedense.serve import wait_until_healthy
 
 PREDICT = ["--data.num_workers", "0", "--trainer.enable_progress_bar", "false", "--trainer.accelerator", "cpu"]
 
@@ -125,16 +126,8 @@ def server(trained):
          "--max_batch_size", "4", "--accelerator", "cpu"],
         cwd=trained, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
     )
-    requests = pytest.importorskip("requests")
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        try:
-            if requests.get(f"{url}/health", timeout=1).status_code == 200:
-                break
-        except requests.ConnectionError:
-            time.sleep(0.5)
-    else:
+    if not wait_until_healthy(url):
         os.killpg(proc.pid, signal.SIGKILL)
         pytest.fail(f"the service did not start:\n{proc.stdout.read().decode(errors='replace')}")
     yield url
