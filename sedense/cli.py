@@ -83,12 +83,12 @@ class SedenseCLI(LightningCLI):
             for key in PREPROCESSING_KEYS:
                 cfg.data[key] = preprocessing[key]
             return
-        if ckpt and cfg.get("weights_only") is not False:
+        if ckpt:
             # Refuse a checkpoint that would unpickle arbitrary objects, with one line, before
-            # Lightning loads it (`--weights_only false` trusts the file).
-            checkpoint = safe_load(ckpt, "--ckpt_path", mmap=True)
+            # Lightning loads it (`--weights_only false` trusts the file). Read once, memory-mapped.
+            trusted = cfg.get("weights_only") is False
+            checkpoint = torch.load(ckpt, mmap=True, weights_only=False) if trusted else safe_load(ckpt, "--ckpt_path", mmap=True)
         if ckpt and sub != "fit":
-            checkpoint = checkpoint if cfg.get("weights_only") is not False else torch.load(ckpt, mmap=True, weights_only=False)
             data_hparams = checkpoint.get("datamodule_hyper_parameters") or {}
             for key in PREPROCESSING_KEYS:
                 if key in data_hparams:
