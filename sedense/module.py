@@ -64,7 +64,9 @@ class ImageClassifier(L.LightningModule):
             (e.g. 0.999); validation, checkpoints and the final model use the average.
         channels_last: run convolutions in channels-last memory format (faster on recent CPUs
             and on GPUs with tensor cores).
-        compile: compile the network with ``torch.compile`` (slow first epoch, faster later ones).
+        compile: compile the training forward pass with ``torch.compile`` (a slow first step, faster
+            steps after it). Validation, test and prediction run eager: a second compilation for
+            eval mode would cost more than it saves on a few hundred images.
     """
 
     def __init__(
@@ -124,7 +126,7 @@ class ImageClassifier(L.LightningModule):
         self.save_hyperparameters()
         self.class_names = list(class_names)
         self._weights_loaded = False
-        self._compiled = False
+        self._train_forward = None  # the compiled network's forward, for training steps only
         self.tta = False  # a prediction option (``predict_writer.tta``), not part of the model
         try:
             self.net = build_model(
@@ -183,6 +185,8 @@ class ImageClassifier(L.LightningModule):
     def forward(self, x: Tensor) -> Tensor:
         if self.hparams.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
+        if self.training and self._train_forward is not None:
+            return self._train_forward(x)
         return self.net(x)
 
     # ----------------------------------------------------------------------------- set-up
@@ -213,9 +217,10 @@ class ImageClassifier(L.LightningModule):
         if not self._weights_loaded and self.trainer.ckpt_path is None:
             self.load_initial_weights()
         self._weights_loaded = True
-        if self.hparams.compile and not self._compiled:
-            self.net.compile()  # in place: parameter names (and checkpoints) stay the same
-            self._compiled = True
+        if self.hparams.compile and stage == "fit" and self._train_forward is None:
+            # A compiled function, not a module: parameter names (and checkpoints) stay the same,
+            # and the weight-averaging copy of this module shares it instead of copying it.
+            self._train_forward = torch.compile(self.net.forward)
         if stage == "fit" and self.hparams.class_weights == "balanced":
             counts = torch.tensor(self.trainer.datamodule.class_counts(), dtype=torch.float32)
             weight = counts.sum() / (len(counts) * counts.clamp(min=1))

@@ -77,3 +77,35 @@ def test_bad_training_options_name_the_option(tmp_path, option, says):
     proc = run_sedense(["fit", *TINY, "--data.root", "data", option], tmp_path, check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert says in proc.stderr
+
+
+def test_compile_covers_training_steps_only_and_keeps_checkpoint_names(tmp_path, monkeypatch):
+    import lightning.pytorch as pl
+
+    make_folder(tmp_path / "data", {"cardboard": 10, "glass": 10})
+    calls = {"train": 0, "eval": 0}
+    real_compile = torch.compile
+
+    def counting_compile(fn, **kwargs):  # dynamo's tracing without the slow C++ code generation
+        compiled = real_compile(fn, backend="eager")
+
+        def run(x):
+            calls["train" if torch.is_grad_enabled() else "eval"] += 1
+            return compiled(x)
+
+        return run
+
+    monkeypatch.setattr(torch, "compile", counting_compile)
+    data = ImageFolderDataModule(str(tmp_path / "data"), image_size=16, batch_size=4, num_workers=0)
+    model = ImageClassifier(["cardboard", "glass"], arch="se_densenet_bc100", block_config=[2, 2], growth_rate=8,
+                            num_init_features=8, compile=True, ema_decay=0.9)
+    trainer = pl.Trainer(max_epochs=2, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(model, data)
+    assert calls == {"train": 2 * trainer.num_training_batches, "eval": 0}  # validation ran, but eager
+    trainer.validate(model, data)
+    assert calls["eval"] == 0
+    keys = list(model.state_dict())
+    assert keys == list(ImageClassifier(["cardboard", "glass"], arch="se_densenet_bc100", block_config=[2, 2],
+                                        growth_rate=8, num_init_features=8).state_dict())
+    assert not any("_orig_mod" in k for k in keys)
