@@ -97,8 +97,9 @@ def test_compile_covers_training_steps_only_and_keeps_checkpoint_names(tmp_path,
 
     monkeypatch.setattr(torch, "compile", counting_compile)
     data = ImageFolderDataModule(str(tmp_path / "data"), image_size=16, batch_size=4, num_workers=0)
-    model = ImageClassifier(["cardboard", "glass"], arch="se_densenet_bc100", block_config=[2, 2], growth_rate=8,
-                            num_init_features=8, compile=True, ema_decay=0.9)
+    tiny = dict(class_names=["cardboard", "glass"], arch="se_densenet_bc100", block_config=[2, 2], growth_rate=8,
+                num_init_features=8)
+    model = ImageClassifier(**tiny, compile=True, ema_decay=0.9)
     trainer = pl.Trainer(max_epochs=2, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(model, data)
@@ -106,6 +107,5 @@ def test_compile_covers_training_steps_only_and_keeps_checkpoint_names(tmp_path,
     trainer.validate(model, data)
     assert calls["eval"] == 0
     keys = list(model.state_dict())
-    assert keys == list(ImageClassifier(["cardboard", "glass"], arch="se_densenet_bc100", block_config=[2, 2],
-                                        growth_rate=8, num_init_features=8).state_dict())
+    assert keys == list(ImageClassifier(**tiny).state_dict())
     assert not any("_orig_mod" in k for k in keys)
