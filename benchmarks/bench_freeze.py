@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from sedense.callbacks import FreezeBackbone
+from sedense.callbacks.finetuning import FreezeBackbone
 from sedense.module import ImageClassifier
 
 

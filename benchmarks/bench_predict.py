@@ -26,7 +26,7 @@ import torch
 
 from common import dataset_root, device_info, emit
 from sedense.callbacks import PredictionWriter
-from sedense.checkpoints import resolve_ckpt_path
+from sedense.runs import resolve_ckpt_path
 from sedense.data import ImageFolderDataModule, build_transforms, list_images, load_image
 from sedense.export import OnnxNet, export
 from sedense.module import ImageClassifier

@@ -14,10 +14,11 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from sedense.callbacks import PredictionWriter, ReportWriter
-from sedense.checkpoints import AtomicCheckpointIO, resolve_ckpt_path, run_dir, run_version
+from sedense.runs import AtomicCheckpointIO, resolve_ckpt_path, run_dir, run_version
 from sedense.export import OnnxNet, export_command, load_exported
 from sedense.serve import serve_command
-from sedense.data import ImageFolderDataModule, scan_dataset
+from sedense.data.datamodule import ImageFolderDataModule
+from sedense.data.folders import scan_dataset
 from sedense.errors import ConfigError, SedenseError
 from sedense.models.pretrained import official_weights, safe_load
 from sedense.module import ImageClassifier

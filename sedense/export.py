@@ -11,7 +11,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from sedense.data import build_transforms, filter_images, list_images, load_image
+from sedense.data.images import filter_images, list_images, load_image
+from sedense.data.transforms import build_transforms
 from sedense.errors import ConfigError, SedenseError
 from sedense.module import ImageClassifier
 
@@ -153,6 +154,6 @@ def export_command(argv: list[str]) -> None:
     parser.add_argument("--images", type=Path, default=None,
                         help="images for the parity check (default: the training data, if it is still there)")
     args = parser.parse_args(argv)
-    from sedense.checkpoints import resolve_ckpt_path
+    from sedense.runs import resolve_ckpt_path
 
     export(resolve_ckpt_path(args.ckpt_path), args.format, args.out, args.images)

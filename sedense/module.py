@@ -15,10 +15,10 @@ from lightning.pytorch.utilities import rank_zero_info
 from torchvision.transforms import v2 as T
 from torchmetrics.classification import MulticlassConfusionMatrix
 
-from sedense.callbacks import FreezeBackbone
+from sedense.callbacks.finetuning import FreezeBackbone
 from sedense.errors import ConfigError, TrainingError
 from sedense.models import build_model
-from sedense.data import IMAGENET_MEAN, IMAGENET_STD
+from sedense.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from sedense.models.pretrained import load_backbone, load_official_state_dict, load_weights_file, safe_load
 
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+
+from sedense.runs import write_atomic
 
 MEAN_KEYS = ("mean precision", "mean recall", "mean specificity", "mean f1 score")
 
@@ -64,23 +64,6 @@ def format_report(metrics: dict, class_names: Sequence[str], support: Sequence[i
         f"  {metrics['mean specificity']:11.4f}  {metrics['mean f1 score']:9.4f}  {total:9d}",
     ]
     return "\n".join(lines)
-
-
-def write_atomic(path: Path, data: str | bytes | memoryview) -> None:
-    """Write ``data`` to ``path`` through a synced temporary file beside it, then rename it into
-    place: a kill at any moment leaves the old file or the new one, never half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode("utf-8") if isinstance(data, str) else data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_json(path: Path, data: dict) -> None:

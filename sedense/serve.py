@@ -11,7 +11,8 @@ from pathlib import Path
 
 import torch
 
-from sedense.data import build_transforms, check_image, load_image
+from sedense.data.images import check_image, load_image
+from sedense.data.transforms import build_transforms
 from sedense.errors import SedenseError
 
 try:
@@ -188,7 +189,7 @@ def serve_command(argv: list[str]) -> None:
     parser.add_argument("--workers_per_device", type=int, default=1, help="model copies per device")
     args = parser.parse_args(argv)
     require_litserve()
-    from sedense.checkpoints import resolve_ckpt_path
+    from sedense.runs import resolve_ckpt_path
     from sedense.module import ImageClassifier
 
     ckpt = resolve_ckpt_path(args.ckpt_path)

@@ -15,7 +15,7 @@ import pytest
 import torch
 from conftest import TINY, make_bad_corpus, make_folder, run_sedense
 
-from sedense.checkpoints import AtomicCheckpointIO
+from sedense.runs import AtomicCheckpointIO
 from sedense.data import ImageFolderDataModule, check_image, load_image, scan_dataset
 
 

@@ -106,7 +106,7 @@ def test_head_changes_in_a_frozen_training_step(cached_densenet121, offline):
 
     model = ImageClassifier(class_names=["a", "b", "c"], arch="densenet121", pretrained=True, freeze=True)
     model.load_initial_weights()
-    from sedense.callbacks import FreezeBackbone
+    from sedense.callbacks.finetuning import FreezeBackbone
 
     freezer = FreezeBackbone()
     freezer.freeze_before_training(model)

@@ -1,9 +1,13 @@
-"""Checkpoint files: crash-safe writing and the ``best``/``last`` aliases."""
+"""The run directory: where a run's files go, how they are written, and the ``best``/``last`` checkpoint aliases."""
 
 from __future__ import annotations
 
+import csv
 import io
+import os
 import re
+import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -11,9 +15,33 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from sedense.errors import ConfigError
-from sedense.reports import write_atomic
 
 RUN_DIR = re.compile(r"version_(\d+)")
+
+
+def write_atomic(path: Path, data: str | bytes | memoryview) -> None:
+    """Write ``data`` to ``path`` through a synced temporary file beside it, then rename it into
+    place: a kill at any moment leaves the old file or the new one, never half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode("utf-8") if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_file_list(path: Path, rows: Sequence[tuple[Path, str]], header: Sequence[str] = ("path", "reason")) -> None:
+    """A CSV of ``(path, reason)`` rows, e.g. the files a run skipped."""
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows((str(p), r) for p, r in rows)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -1,0 +1,296 @@
+"""The LightningDataModule: labelled folders in, DataLoaders for every stage out."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import v2 as T
+
+from sedense.data.datasets import ImageListDataset
+from sedense.data.folders import Split, match_classes, scan_class_folders, scan_dataset
+from sedense.data.images import filter_images, resolve_inputs
+from sedense.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_transforms, eval_geometry, to_tensor
+from sedense.errors import DataError
+from sedense.runs import run_dir, write_file_list
+
+
+def default_num_workers() -> int:
+    """One loader worker per core (affinity-aware), at most 8."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, 8))
+
+
+class ImageFolderDataModule(L.LightningDataModule):
+    """Labelled photos in folders, one sub-folder per class.
+
+    ``root`` is either one folder per class (split into train/val, stratified by class, with
+    ``val_split`` and ``seed``) or holds ``train/`` and ``val/`` (and optionally ``test/``)
+    sub-folders that are used as given. Class names come from the folders.
+
+    Args:
+        root: the labelled image folder (not needed for ``predict``).
+        test_root: another labelled folder to ``test`` on; its classes are matched to the
+            model's by name. Default: ``root/test`` if present, else the validation subset.
+        predict_root: the images to ``predict`` (labels not needed): a folder (searched
+            recursively), one image, a glob pattern (``photos/**/*.jpg``) or a text file listing
+            one path per line.
+        image_size: side of the square images the model sees.
+        val_split: fraction of every class held out for validation (one-folder-per-class layout).
+        seed: seed of the split; the same seed gives the same split on every run and process.
+        batch_size: images per batch (per process).
+        num_workers: loader processes; ``None`` picks one per core, at most 8.
+        crop_scale: area range of the training RandomResizedCrop.
+        hflip: probability of a horizontal flip in training.
+        vflip: probability of a vertical flip in training.
+        rotation: maximum random rotation in training, in degrees (0: none).
+        color_jitter: strength of brightness/contrast/saturation jitter in training (0: none).
+        trivial_augment: add TrivialAugmentWide to the training transform.
+        eval_crop: evaluation resizes to ``image_size / eval_crop`` and centre-crops ``image_size``.
+        mean: per-channel normalisation mean.
+        std: per-channel normalisation standard deviation.
+        cache: decode every training and validation image once into memory, pre-resized (the
+            training images to a short side of ``image_size / sqrt(min crop scale)``, at most
+            twice ``image_size``; the validation images to their final crop), instead of decoding
+            the full-size files again every epoch. For datasets that fit in RAM.
+        verify: how files are checked when the dataset is scanned: ``header`` opens each file
+            and reads its size (cheap; finds empty, non-image, unsupported and oversized files),
+            ``full`` decodes every image (finds truncated files too). Unusable files are left
+            out, counted in one warning and listed in ``skipped_files.csv`` in the run directory.
+        strict: stop with an error naming the first unusable file instead of skipping them.
+    """
+
+    def __init__(
+        self,
+        root: str | None = None,
+        test_root: str | None = None,
+        predict_root: str | None = None,
+        image_size: int = 224,
+        val_split: float = 0.2,
+        seed: int = 42,
+        batch_size: int = 32,
+        num_workers: int | None = None,
+        crop_scale: tuple[float, float] = (0.08, 1.0),
+        hflip: float = 0.5,
+        vflip: float = 0.0,
+        rotation: float = 0.0,
+        color_jitter: float = 0.0,
+        trivial_augment: bool = False,
+        eval_crop: float = 0.875,
+        mean: tuple[float, float, float] = IMAGENET_MEAN,
+        std: tuple[float, float, float] = IMAGENET_STD,
+        cache: bool = False,
+        verify: Literal["header", "full"] = "header",
+        strict: bool = False,
+    ) -> None:
+        super().__init__()
+        if not 0 <= val_split < 1:
+            raise DataError(f"data.val_split must be in [0, 1), got {val_split}")
+        if image_size < 1 or batch_size < 1:
+            raise DataError("data.image_size and data.batch_size must be positive")
+        if verify not in ("header", "full"):
+            raise DataError(f"data.verify must be header or full, got {verify!r}")
+        if not 0 < eval_crop <= 1:
+            raise DataError(f"data.eval_crop must be in (0, 1], got {eval_crop}")
+        self.save_hyperparameters()
+        self.root = Path(root) if root else None
+        self.test_root = Path(test_root) if test_root else None
+        self.predict_root = Path(predict_root) if predict_root else None
+        self.num_workers = default_num_workers() if num_workers is None else num_workers
+        self._split: Split | None = None
+        self._test_skipped: list[tuple[Path, str]] = []
+        self.predict_files: list[Path] = []
+        self.predict_errors: list[tuple[Path, str]] = []  # inputs that could not be read, with why
+        self._aug = dict(
+            crop_scale=crop_scale, hflip=hflip, vflip=vflip, rotation=rotation,
+            color_jitter=color_jitter, trivial_augment=trivial_augment,
+        )
+
+    # ----------------------------------------------------------------------------- discovery
+    @property
+    def split(self) -> Split:
+        """The files of every subset, scanned once on first use."""
+        if self._split is None:
+            if self.root is None:
+                raise DataError("data.root is not set: give the labelled image folder (one sub-folder per class)")
+            hp = self.hparams
+            self._split = scan_dataset(self.root, hp.val_split, hp.seed, hp.verify)
+            self._report_skipped(self._split.skipped, str(self.root))
+        return self._split
+
+    def _report_skipped(self, skipped: list[tuple[Path, str]], where: str) -> None:
+        if not skipped:
+            return
+        first, reason = skipped[0]
+        if self.hparams.strict:
+            raise DataError(
+                f"data.strict: {len(skipped)} file(s) under {where} cannot be used, e.g. {first} ({reason}); "
+                "fix or remove them, or set data.strict: false to skip them"
+            )
+        rank_zero_warn(
+            f"Skipping {len(skipped)} unusable file(s) under {where}, e.g. {first} ({reason}); "
+            "all are listed in skipped_files.csv in the run directory"
+        )
+
+    @property
+    def class_names(self) -> list[str] | None:
+        """The classes found under ``root`` (sorted folder names), or ``None`` without a root."""
+        return self.split.class_names if self.root is not None else None
+
+    @property
+    def num_classes(self) -> int | None:
+        names = self.class_names
+        return len(names) if names is not None else None
+
+    def class_counts(self) -> list[int]:
+        """Training images per class, in class-index order."""
+        counts = Counter(c for _, c in self.split.train)
+        return [counts.get(c, 0) for c in self.split.class_names]
+
+    # ----------------------------------------------------------------------------- transforms
+    def _model_class_names(self) -> list[str] | None:
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        return list(module.class_names) if module is not None and getattr(module, "class_names", None) else None
+
+    def train_transform(self) -> T.Compose:
+        hp = self.hparams
+        return build_transforms(True, hp.image_size, hp.mean, hp.std, **self._aug)
+
+    def eval_transform(self) -> T.Compose:
+        hp = self.hparams
+        return build_transforms(False, hp.image_size, hp.mean, hp.std, eval_crop=hp.eval_crop)
+
+    # ----------------------------------------------------------------------------- Lightning hooks
+    def train_cache_side(self) -> int:
+        """Short side of cached training images: crops of the smallest scale need no up-sampling."""
+        smallest = max(float(self.hparams.crop_scale[0]), 0.25)
+        return int(round(self.hparams.image_size / smallest**0.5))
+
+    def _fill_caches(self, *datasets: ImageListDataset) -> None:
+        start, nbytes = time.perf_counter(), 0
+        for dataset in datasets:
+            nbytes += dataset.fill_cache()
+        n = sum(len(d) for d in datasets)
+        rank_zero_info(f"Cached {n} decoded images ({nbytes / 2**20:.0f} MB) in {time.perf_counter() - start:.1f} s")
+
+    def setup(self, stage: str) -> None:
+        hp = self.hparams
+        if stage in ("fit", "validate"):
+            split = self.split
+            self._check_model_classes(split.class_names)
+            index = {c: i for i, c in enumerate(split.class_names)}
+            if not split.val:
+                raise DataError("data.val_split is 0 and there is no val/ folder: nothing to validate on")
+            train = [(p, index[c]) for p, c in split.train]
+            val = [(p, index[c]) for p, c in split.val]
+            if self.hparams.cache:
+                self.train_set = ImageListDataset(train, self.train_transform(), T.Resize(self.train_cache_side()))
+                self.val_set = ImageListDataset(val, T.Compose(to_tensor(hp.mean, hp.std)), T.Compose(eval_geometry(hp.image_size, hp.eval_crop)))
+                self._fill_caches(self.train_set, self.val_set)
+            else:
+                self.train_set = ImageListDataset(train, self.train_transform())
+                self.val_set = ImageListDataset(val, self.eval_transform())
+            self._write_run_files(split)
+        elif stage == "test":
+            self.test_set = ImageListDataset(self._test_samples(), self.eval_transform())
+            self._write_skipped(self._test_skipped)
+        elif stage == "predict":
+            if self.predict_root is None:
+                raise DataError("data.predict_root is not set: give the images to classify (folder, image, glob or list)")
+            files, missing = resolve_inputs(str(self.predict_root))
+            self.predict_files, bad = filter_images(files, self.hparams.verify)
+            self.predict_errors = missing + bad
+            if not self.predict_files:
+                detail = f"; e.g. {self.predict_errors[0][0]}: {self.predict_errors[0][1]}" if self.predict_errors else ""
+                raise DataError(f"data.predict_root: no readable images in {self.predict_root}{detail}")
+            self.predict_set = ImageListDataset(
+                [(p, -1) for p in self.predict_files], self.eval_transform(), on_error="mark", blank_size=hp.image_size
+            )
+
+    def _check_model_classes(self, class_names: list[str]) -> None:
+        model_names = self._model_class_names()
+        if model_names is not None and model_names != class_names:
+            raise DataError(
+                f"the model's classes {model_names} differ from the classes under data.root ({class_names}); "
+                "train a new model on this data or give the data it was trained on"
+            )
+
+    def _test_samples(self) -> list[tuple[Path, int]]:
+        model_names = self._model_class_names()
+        if self.test_root is not None:
+            found = scan_class_folders(self.test_root, "data.test_root", 1, self.hparams.verify, self._test_skipped)
+            self._report_skipped(self._test_skipped, str(self.test_root))
+            names = model_names or sorted(found)
+            pairs = match_classes(found, names, self.test_root, "data.test_root")
+        elif self.root is not None:
+            split = self.split
+            names = model_names or split.class_names
+            self._check_model_classes(split.class_names)
+            pairs = split.test or split.val
+            self._test_skipped = split.skipped
+        else:
+            raise DataError("nothing to test on: give data.test_root (a labelled folder) or data.root")
+        index = {c: i for i, c in enumerate(names)}
+        return [(p, index[c]) for p, c in pairs]
+
+    def _write_run_files(self, split: Split) -> None:
+        trainer = self.trainer
+        if trainer is None or not trainer.is_global_zero:
+            return
+        folder = run_dir(trainer)
+        with open(folder / "class_indices.json", "w", encoding="utf-8") as f:
+            json.dump({str(i): c for i, c in enumerate(split.class_names)}, f, indent=2, ensure_ascii=False)
+        with open(folder / "split.csv", "w", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f)
+            writer.writerow(["path", "class", "subset"])
+            for subset, pairs in (("train", split.train), ("val", split.val), ("test", split.test)):
+                writer.writerows((str(p), c, subset) for p, c in pairs)
+        self._write_skipped(split.skipped)
+
+    def _write_skipped(self, skipped: list[tuple[Path, str]]) -> None:
+        trainer = self.trainer
+        if skipped and trainer is not None and trainer.is_global_zero:
+            write_file_list(run_dir(trainer) / "skipped_files.csv", skipped)
+
+    def _loader(self, dataset: Dataset, shuffle: bool = False, drop_last: bool = False) -> DataLoader:
+        sampler = None
+        if not shuffle and torch.distributed.is_available() and torch.distributed.is_initialized():
+            # Evaluation counts every image exactly once: the default DistributedSampler would pad
+            # the last batches with repeated images to give every process the same number.
+            sampler = UnrepeatedDistributedSampler(dataset, shuffle=False)
+        return DataLoader(
+            dataset,
+            batch_size=self.hparams.batch_size,
+            shuffle=shuffle,
+            sampler=sampler,
+            drop_last=drop_last,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        drop_last = len(self.train_set) > self.hparams.batch_size
+        return self._loader(self.train_set, shuffle=True, drop_last=drop_last)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self.predict_set)

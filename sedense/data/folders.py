@@ -1,0 +1,117 @@
+"""Labelled folders: classes from sub-folders, every file checked, the seeded stratified split."""
+
+from __future__ import annotations
+
+import functools
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from sedense.data.images import IMG_EXTENSIONS, filter_images, list_images
+from sedense.errors import DataError
+
+
+def scan_class_folders(
+    root: Path,
+    what: str = "data.root",
+    min_classes: int = 2,
+    verify: str = "header",
+    skipped: list[tuple[Path, str]] | None = None,
+) -> dict[str, list[Path]]:
+    """Map each class (a sub-folder of ``root``) to its usable images; raise ``DataError`` on bad layouts.
+
+    A training set needs two classes; a test set (``min_classes=1``) may hold a few of them.
+    Files that fail :func:`check_image` are left out and appended to ``skipped``.
+    """
+    if not root.is_dir():
+        raise DataError(f"{what}: folder {root} does not exist")
+    class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not class_dirs:
+        raise DataError(f"{what}: {root} has no class sub-folders; put the images of each class in a folder named after it")
+    classes = {}
+    for d in class_dirs:
+        good, bad = filter_images(list_images(d), verify)
+        classes[d.name] = good
+        if skipped is not None:
+            skipped.extend(bad)
+    if not any(classes.values()):
+        raise DataError(f"{what}: no images found under {root} (extensions: {', '.join(IMG_EXTENSIONS)})")
+    empty = [name for name, files in classes.items() if not files]
+    if empty:
+        raise DataError(f"{what}: class folder {root / empty[0]} holds no usable images; add images or remove the folder")
+    if len(classes) < min_classes:
+        raise DataError(f"{what}: {root} has only one class ({class_dirs[0].name}); a classifier needs two or more")
+    return classes
+
+
+def stratified_split(
+    classes: dict[str, list[Path]], val_split: float, seed: int
+) -> tuple[list[tuple[Path, str]], list[tuple[Path, str]]]:
+    """Split every class by ``val_split``; the same inputs give the same split on every run and process."""
+    train, val = [], []
+    for name in sorted(classes):
+        files = sorted(classes[name])
+        random.Random(f"{seed}:{name}").shuffle(files)
+        n_val = int(round(len(files) * val_split))
+        if val_split > 0 and len(files) >= 2:
+            n_val = min(max(n_val, 1), len(files) - 1)
+        val.extend((p, name) for p in files[:n_val])
+        train.extend((p, name) for p in files[n_val:])
+    return sorted(train), sorted(val)
+
+
+@dataclass(frozen=True)
+class Split:
+    """The files of one run: classes, and ``(path, class name)`` per subset."""
+
+    class_names: list[str]
+    train: list[tuple[Path, str]]
+    val: list[tuple[Path, str]]
+    test: list[tuple[Path, str]]
+    skipped: list[tuple[Path, str]]  # files that cannot be used, with the reason
+
+
+def match_classes(found: dict[str, list[Path]], class_names: Sequence[str], folder: Path, what: str):
+    """``(path, class)`` pairs of a labelled folder whose classes must all be in ``class_names``."""
+    unknown = sorted(set(found) - set(class_names))
+    if unknown:
+        raise DataError(
+            f"{what}: {folder} has class folder(s) {unknown} that the model does not know "
+            f"(its classes: {list(class_names)}); rename or remove them"
+        )
+    return sorted((p, c) for c, files in found.items() for p in files)
+
+
+@functools.lru_cache(maxsize=8)
+def scan_dataset(root: Path, val_split: float, seed: int, verify: str = "header") -> Split:
+    """Find the classes and files under ``root`` and split them; cached, so a process scans once.
+
+    ``root`` holding ``train/`` and ``val/`` (and optionally ``test/``) is used as given;
+    otherwise every sub-folder is a class, split by :func:`stratified_split`. Every file is
+    checked with :func:`check_image` (``verify``); the unusable ones are listed in ``skipped``.
+    """
+    skipped: list[tuple[Path, str]] = []
+    if not root.is_dir():
+        raise DataError(f"data.root: folder {root} does not exist")
+    if (root / "train").is_dir() and (root / "val").is_dir():
+        train_cls = scan_class_folders(root / "train", "data.root train/", verify=verify, skipped=skipped)
+        val_cls = scan_class_folders(root / "val", "data.root val/", verify=verify, skipped=skipped)
+        if set(train_cls) != set(val_cls):
+            only_t = sorted(set(train_cls) - set(val_cls))
+            only_v = sorted(set(val_cls) - set(train_cls))
+            raise DataError(
+                f"data.root: {root}/train and {root}/val have different classes "
+                f"(only in train: {only_t or 'none'}; only in val: {only_v or 'none'}); give both the same class folders"
+            )
+        class_names = sorted(train_cls)
+        train = sorted((p, c) for c, files in train_cls.items() for p in files)
+        val = sorted((p, c) for c, files in val_cls.items() for p in files)
+        test = []
+        if (root / "test").is_dir():
+            test_cls = scan_class_folders(root / "test", "data.root test/", 1, verify, skipped)
+            test = match_classes(test_cls, class_names, root / "test", "data.root test/")
+        return Split(class_names, train, val, test, skipped)
+    classes = scan_class_folders(root, verify=verify, skipped=skipped)
+    train, val = stratified_split(classes, val_split, seed)
+    return Split(sorted(classes), train, val, [], skipped)
