@@ -2,30 +2,42 @@
 
 from __future__ import annotations
 
+import inspect
+import io
+import json
 import logging
+import os
 import sys
+import threading
 import warnings
 from pathlib import Path
 
-import torch
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+import lightning as L
+from jsonargparse import Namespace
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.fabric.utilities.cloud_io import get_filesystem
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_only
 
 from sedense.callbacks import PredictionWriter, ReportWriter
-from sedense.runs import AtomicCheckpointIO, resolve_ckpt_path, run_dir, run_version
-from sedense.export import OnnxNet, export_command, load_exported
-from sedense.serve import serve_command
+from sedense.callbacks.prediction import STATE_FILE
+from sedense.callbacks.runfiles import RunFiles
 from sedense.data.datamodule import ImageFolderDataModule
 from sedense.data.folders import scan_dataset
-from sedense.errors import ConfigError, SedenseError
+from sedense.errors import STORAGE_ERRNOS, ConfigError, SedenseError, StorageError
+from sedense.export import OnnxNet, export_command, load_exported
 from sedense.models.pretrained import official_weights, safe_load
 from sedense.module import ImageClassifier
+from sedense.runs import AtomicCheckpointIO, is_remote, join, resolve_ckpt_path, run_dir, run_version, runs_under, say
+from sedense.serve import serve_command
 
 # How a model sees its images is part of the model: these data options are taken from the
 # checkpoint whenever one is given to validate, test or predict.
 PREPROCESSING_KEYS = ("image_size", "eval_crop", "mean", "std")
+# Model options that change how a trained model evaluates, not what it is: a value given on the command line
+# wins over the checkpoint's.
+EVALUATION_OPTIONS = ("tta", "channels_last")
 
 
 class _DropTips(logging.Filter):
@@ -33,6 +45,54 @@ class _DropTips(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not str(record.msg).startswith("💡 Tip")
+
+
+class RunGuard(L.Callback):
+    """What the command's last line needs after a failure: where the run writes, and what a Ctrl-C left behind."""
+
+    def __init__(self) -> None:
+        self.folder = None  # the run directory, to name when a library's write error carries no file name
+        self.interrupted = False
+        self.note: str | None = None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if trainer.is_global_zero:
+            self.folder = run_dir(trainer)
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if not isinstance(exception, KeyboardInterrupt):
+            return
+        self.interrupted = True
+        for callback in trainer.callbacks:
+            describe = getattr(callback, "describe_interruption", None)
+            if describe is not None and (note := describe()):
+                self.note = note
+                return
+        if trainer.state.fn == "fit":
+            last = join(run_dir(trainer), "checkpoints", "last.ckpt")
+            self.note = (f"the last good checkpoint is {last}; resume with --ckpt_path last"
+                         if get_filesystem(str(last)).isfile(str(last)) else "no epoch finished, so no checkpoint was saved")
+
+
+def default_root_dir(cfg) -> str:
+    """The Trainer's root folder for this configuration, spelt as the Trainer spells it (checkpoint records compare it)."""
+    root = cfg.trainer.get("default_root_dir") or os.getcwd()
+    return root if is_remote(root) else os.path.normpath(os.path.expanduser(root))
+
+
+def same_location(a, b) -> bool:
+    """Whether two local paths or two URLs name the same folder."""
+    if is_remote(a) or is_remote(b):
+        return str(a).rstrip("/") == str(b).rstrip("/")
+    return Path(a).resolve() == Path(b).resolve()
+
+
+def read_checkpoint(path, trusted: bool) -> dict:
+    """A checkpoint, read once: plain tensors and numbers only, unless ``trusted`` (``--weights_only false``)."""
+    if is_remote(path):
+        with get_filesystem(str(path)).open(str(path), "rb") as f:
+            return safe_load(io.BytesIO(f.read()), "--ckpt_path", trusted=trusted)
+    return safe_load(path, "--ckpt_path", mmap=True, trusted=trusted)
 
 
 class SedenseCLI(LightningCLI):
@@ -66,38 +126,55 @@ class SedenseCLI(LightningCLI):
 
     def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
         super().parse_arguments(parser, args)
+        self.ckpt, self.checkpoint, self.onnx_path = None, None, None
         sub = self.config.get("subcommand")
         if not sub:
             return
         cfg = self.config[sub]
-        ckpt = cfg.get("ckpt_path")
-        if ckpt:
-            cfg.ckpt_path = ckpt = str(resolve_ckpt_path(ckpt, cfg.trainer.get("default_root_dir") or "."))
-        self.onnx_path = None
-        if ckpt and ckpt.endswith(".onnx"):
+        if sub == "predict" and cfg.get("return_predictions") is None:
+            cfg.return_predictions = False  # the writer writes every row; holding them all would cost memory
+        if not cfg.get("ckpt_path"):
+            return
+        self.ckpt = ckpt = str(resolve_ckpt_path(cfg.ckpt_path, cfg.trainer.get("default_root_dir") or "."))
+        # LightningCLI reads a given checkpoint again (weights-only, whatever --weights_only says) right after
+        # this hook to take the model's hyperparameters; this hook reads it once and applies them itself, and
+        # puts the path back before anything is built (before_instantiate_classes).
+        cfg.ckpt_path = None
+        if ckpt.endswith(".onnx"):
             if sub != "predict":
                 raise ConfigError(f"--ckpt_path {ckpt}: an ONNX model can only predict; give the .ckpt to {sub}")
             # An exported model predicts through ONNX Runtime, with the classes and preprocessing
             # written beside it; there is no Lightning checkpoint to restore.
-            self.onnx_path, cfg.ckpt_path = ckpt, None
+            self.onnx_path, self.ckpt = ckpt, None
             cfg.model.class_names, preprocessing = load_exported(ckpt)
             for key in PREPROCESSING_KEYS:
                 cfg.data[key] = preprocessing[key]
             return
-        if ckpt:
-            # Refuse a checkpoint that would unpickle arbitrary objects, with one line, before
-            # Lightning loads it (`--weights_only false` trusts the file). Read once, memory-mapped.
-            trusted = cfg.get("weights_only") is False
-            checkpoint = torch.load(ckpt, mmap=True, weights_only=False) if trusted else safe_load(ckpt, "--ckpt_path", mmap=True)
-        if ckpt and sub != "fit":
-            data_hparams = checkpoint.get("datamodule_hyper_parameters") or {}
+        self.checkpoint = read_checkpoint(ckpt, trusted=cfg.get("weights_only") is False)
+        self._apply_model_hparams(parser, sub)
+        cfg = self.config[sub]  # a new namespace: parse_object returned one
+        if sub != "fit":
+            data_hparams = self.checkpoint.get("datamodule_hyper_parameters") or {}
             for key in PREPROCESSING_KEYS:
                 if key in data_hparams:
                     cfg.data[key] = data_hparams[key]
 
+    def _apply_model_hparams(self, parser: LightningArgumentParser, sub: str) -> None:
+        """The checkpoint's model options replace the configured ones, but for evaluation options given by the user."""
+        saved = {k: v for k, v in (self.checkpoint.get("hyper_parameters") or {}).items() if not k.startswith("_")}
+        if not saved:
+            return
+        model, signature = self.config[sub].model, inspect.signature(ImageClassifier.__init__).parameters
+        for key in EVALUATION_OPTIONS:
+            if key in saved and model.get(key, signature[key].default) != signature[key].default:
+                saved[key] = model[key]
+        self.config = parser.parse_object({sub: {"model": saved}}, self.config)
+
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand] if self.subcommand else self.config
-        from_checkpoint = bool(cfg.get("ckpt_path")) and bool(cfg.model.get("class_names"))
+        if self.subcommand and self.ckpt:
+            cfg.ckpt_path = self.ckpt
+        from_checkpoint = bool(self.ckpt or self.onnx_path) and bool(cfg.model.get("class_names"))
         if not from_checkpoint and cfg.data.get("root"):
             data = cfg.data
             cfg.model.class_names = scan_dataset(Path(data.root), data.val_split, data.seed, data.verify).class_names
@@ -106,28 +183,84 @@ class SedenseCLI(LightningCLI):
             preprocess = official_weights(cfg.model.arch).transforms()
             cfg.data.mean, cfg.data.std = tuple(preprocess.mean), tuple(preprocess.std)
             cfg.data.eval_crop = preprocess.crop_size[0] / preprocess.resize_size[0]
+        self.resume_message = None
+        if self.subcommand == "fit" and self.ckpt:
+            found = run_version(self.ckpt)
+            if found:
+                self._continue_run(cfg, *found, f"Resuming {{}} from {self.ckpt}")
+        elif self.subcommand == "predict":
+            self.manifest = self._predict_manifest(cfg)
+            found = self._unfinished_prediction(cfg, self.manifest)
+            if found:  # the prediction writer says how much was done
+                self._continue_run(cfg, *found, None)
+
+    def _continue_run(self, cfg, logs, version: int, message: str | None) -> None:
+        """Write this run into ``logs/version_<version>`` (an earlier run it continues), through the logger's arguments."""
+        root = default_root_dir(cfg)
+        if not same_location(join(root, "lightning_logs"), logs):
+            return  # a run of another root folder: this one starts a new run of its own, as usual
+        logger = cfg.trainer.get("logger")
+        if logger in (None, True):  # the Trainer's own default logger, with the run's version
+            cfg.trainer.logger = Namespace(class_path="lightning.pytorch.loggers.TensorBoardLogger",
+                                           init_args=Namespace(save_dir=root, version=version))
+        elif isinstance(logger, Namespace) and "init_args" in logger and logger.init_args.get("version") is None:
+            logger.init_args.version = version
+        else:
+            return
+        self.resume_message = message.format(join(logs, f"version_{version}")) if message else None
+
+    def _predict_manifest(self, cfg) -> dict:
+        """What makes two predictions the same: model file, inputs, preprocessing and every writer option."""
+        model_file = self.ckpt or self.onnx_path
+        spec = str(cfg.data.get("predict_root") or "")
+        local = spec and not is_remote(spec) and Path(spec).exists()
+        stat = Path(model_file).stat() if model_file and not is_remote(model_file) else None
+        return json.loads(json.dumps({
+            "model": str(Path(model_file).resolve()) if stat else model_file,
+            "model_size": stat.st_size if stat else None,
+            "model_mtime_ns": stat.st_mtime_ns if stat else None,
+            "inputs": str(Path(spec).resolve()) if local else spec,
+            "preprocessing": {k: cfg.data.get(k) for k in PREPROCESSING_KEYS},
+            "tta": cfg.model.get("tta"),
+            "writer": {k: v for k, v in dict(cfg.predict_writer).items()},
+        }, default=str))
+
+    @staticmethod
+    def _unfinished_prediction(cfg, manifest: dict):
+        """``(lightning_logs, N)`` of the newest run of this same prediction if it did not finish."""
+        root = default_root_dir(cfg)
+        for version, folder in runs_under(root):
+            state_path = join(folder, STATE_FILE)
+            fs = get_filesystem(str(state_path))
+            if not fs.isfile(str(state_path)):
+                continue
+            try:
+                with fs.open(str(state_path), "r") as f:
+                    state = json.load(f)
+            except (OSError, ValueError):
+                continue
+            if state.get("manifest") == manifest:
+                return None if state.get("complete") else (join(root, "lightning_logs"), version)
+        return None
 
     def instantiate_classes(self) -> None:
         super().instantiate_classes()
         strategy = self.trainer.strategy
         if type(strategy.checkpoint_io) is TorchCheckpointIO:
-            strategy.checkpoint_io = AtomicCheckpointIO()
+            preloaded = {self.ckpt: self.checkpoint} if self.checkpoint is not None else {}
+            strategy.checkpoint_io = AtomicCheckpointIO(preloaded)
+        for callback in self.trainer.callbacks:
+            if isinstance(callback, PredictionWriter) and self.subcommand == "predict":
+                callback.manifest = self.manifest
+        self.checkpoint = None  # the checkpoint IO holds it until the trainer asks for it
 
     def before_predict(self) -> None:
         if self.onnx_path:
             self.model.net = OnnxNet(self.onnx_path)
-            self.model.hparams.channels_last = False
 
     def before_fit(self) -> None:
-        # Resuming a run (`--ckpt_path last`) continues in its own folder: same checkpoints,
-        # metrics.json and results.csv (rewritten from the state saved in the checkpoint).
-        ckpt, logger = self.config_init[self.subcommand].get("ckpt_path"), self.trainer.logger
-        found = run_version(ckpt) if ckpt else None
-        if found and isinstance(logger, TensorBoardLogger) and logger._version is None:
-            logs, version = found
-            if Path(logger.root_dir).resolve() == logs.resolve():
-                logger._version = version  # the logger creates nothing before its first use
-                print(f"Resuming {logs / f'version_{version}'} from {ckpt}")
+        if self.resume_message:
+            say(self.resume_message)
 
     def after_fit(self) -> None:
         ckpt = self.trainer.checkpoint_callback
@@ -194,7 +327,7 @@ def digits_command(argv: list[str]) -> None:
 COMMANDS = {"digits": digits_command, "export": export_command, "serve": serve_command}
 
 
-def cli_main(args: list[str] | None = None, run: bool = True) -> SedenseCLI:
+def cli_main(args: list[str] | None = None, run: bool = True, guard: RunGuard | None = None) -> SedenseCLI:
     """Run LightningCLI in-process (``args`` as on the command line); returns the CLI object.
 
     With ``run=False`` the arguments carry no subcommand and only the objects are built.
@@ -209,26 +342,49 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> SedenseCLI:
         save_config_kwargs={"overwrite": True},
         seed_everything_default=0,
         auto_configure_optimizers=False,  # the optimiser and schedule are model options
+        trainer_defaults={"callbacks": [RunFiles(), guard or RunGuard()]},
         parser_kwargs={"description": "sedense: train and run SE-DenseNet / DenseNet image classifiers."},
         args=args,
         run=run,
     )
 
 
+def _stop(message: str, code: int) -> None:
+    """End the command with one line on stderr (printed by the first process only)."""
+    if rank_zero_only.rank == 0:
+        print(f"sedense: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(code)
+
+
+def _thread_errors(args) -> None:
+    """A background writer's full-disk error (TensorBoard's) reaches the main thread too: report it once, there."""
+    if isinstance(args.exc_value, OSError) and args.exc_value.errno in STORAGE_ERRNOS:
+        return
+    threading.__excepthook__(args)
+
+
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``sedense`` command."""
     argv = list(sys.argv[1:] if args is None else args)
+    guard = RunGuard()
+    threading.excepthook = _thread_errors
     try:
         if argv and argv[0] in COMMANDS:
             COMMANDS[argv[0]](argv[1:])
         else:
-            cli_main(args)
+            cli_main(args, guard=guard)
     except SedenseError as err:
-        print(f"sedense: error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+        _stop(f"error: {err}", err.exit_code)
     except KeyboardInterrupt:
-        print("sedense: interrupted", file=sys.stderr)
-        raise SystemExit(130) from None
+        _stop("interrupted" + (f"; {guard.note}" if guard.note else ""), 130)
+    except SystemExit as exit_:
+        if guard.interrupted and exit_.code not in (0, None):  # Lightning ends an interrupted run with exit(1)
+            _stop("interrupted" + (f"; {guard.note}" if guard.note else ""), 130)
+        raise
+    except OSError as err:
+        if err.errno in STORAGE_ERRNOS:  # raised by a library (TensorBoard, fsspec) rather than through write_file
+            _stop(f"error: {StorageError(err.filename or guard.folder or os.getcwd(), err)}", 1)
+        raise
 
 
 if __name__ == "__main__":

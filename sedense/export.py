@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -13,8 +15,10 @@ from torch import nn
 
 from sedense.data.images import filter_images, list_images, load_image
 from sedense.data.transforms import build_transforms
-from sedense.errors import ConfigError, SedenseError
+from sedense.errors import ConfigError, SedenseError, StorageError
+from sedense.models.pretrained import safe_load
 from sedense.module import ImageClassifier
+from sedense.runs import TMP_SUFFIX, write_file
 
 FORMATS = {"onnx": "model.onnx", "torchscript": "model.pt"}
 PARITY_TOLERANCE = 1e-4
@@ -35,8 +39,8 @@ def eval_batch(preprocessing: dict, images: Path | None, n: int = 8) -> tuple[to
 
 def sidecar_files(out_dir: Path, class_names: list[str], preprocessing: dict, model_file: str) -> None:
     """``class_indices.json`` and ``preprocessing.json``: what a program needs to use the exported file."""
-    with open(out_dir / "class_indices.json", "w", encoding="utf-8") as f:
-        json.dump({str(i): c for i, c in enumerate(class_names)}, f, indent=2, ensure_ascii=False)
+    write_file(out_dir / "class_indices.json",
+               json.dumps({str(i): c for i, c in enumerate(class_names)}, indent=2, ensure_ascii=False))
     size, crop = preprocessing["image_size"], preprocessing["eval_crop"]
     spec = {
         "model": model_file,
@@ -49,8 +53,7 @@ def sidecar_files(out_dir: Path, class_names: list[str], preprocessing: dict, mo
         "std": preprocessing["std"],
         **preprocessing,
     }
-    with open(out_dir / "preprocessing.json", "w", encoding="utf-8") as f:
-        json.dump(spec, f, indent=2)
+    write_file(out_dir / "preprocessing.json", json.dumps(spec, indent=2))
 
 
 def export_onnx(net: nn.Module, example: torch.Tensor, path: Path) -> None:
@@ -105,41 +108,55 @@ def load_exported(path: str | Path) -> tuple[list[str], dict]:
     return names, {k: spec[k] for k in ("image_size", "eval_crop", "mean", "std")}
 
 
-def export(ckpt_path: Path, fmt: str, out_dir: Path | None = None, images: Path | None = None) -> tuple[Path, float]:
-    """Write the model in ``fmt`` with its sidecar files; returns the file and the largest difference."""
-    model, preprocessing = ImageClassifier.for_inference(ckpt_path)
+def export(ckpt_path: Path, fmt: str, out_dir: Path | None = None, images: Path | None = None,
+           trusted: bool = False) -> tuple[Path, float]:
+    """Write the model in ``fmt`` with its sidecar files; returns the file and the largest difference.
+
+    The model is written to a temporary file and checked against PyTorch first: a model that fails the
+    check is deleted, and neither it nor its sidecar files replace anything already in ``out_dir``.
+    """
+    model, preprocessing = ImageClassifier.for_inference(ckpt_path, trusted=trusted)
     net = model.net.float().eval().to(memory_format=torch.contiguous_format)
     if out_dir is None:
         out_dir = ckpt_path.parent.parent / "export" if ckpt_path.parent.name == "checkpoints" else ckpt_path.parent
-    out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / FORMATS[fmt]
-    if images is None:
-        root = (torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
-                .get("datamodule_hyper_parameters") or {}).get("root")
-        images = Path(root) if root else None
-    batch, described = eval_batch(preprocessing, images)
-    with torch.no_grad():
-        expected = net(batch)
-    if fmt == "onnx":
-        export_onnx(net, batch, path)
-        got = torch.from_numpy(run_onnx(path, batch))
-    else:
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(dir=out_dir, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
+        os.close(fd)
+    except OSError as err:
+        raise StorageError(out_dir, err) from None
+    tmp = Path(tmp_name)
+    try:
+        if images is None:
+            root = (safe_load(ckpt_path, "--ckpt_path", mmap=True, trusted=trusted)
+                    .get("datamodule_hyper_parameters") or {}).get("root")
+            images = Path(root) if root else None
+        batch, described = eval_batch(preprocessing, images)
         with torch.no_grad():
-            scripted = torch.jit.trace(net, batch[:1], check_trace=False)
-        scripted.save(str(path))
-        with torch.no_grad():
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", FutureWarning)
-                got = torch.jit.load(str(path), map_location="cpu")(batch)
-    sidecar_files(out_dir, model.class_names, preprocessing, path.name)
-    diff = float((got - expected).abs().max())
-    same = bool((got.argmax(1) == expected.argmax(1)).all())
+            expected = net(batch)
+        if fmt == "onnx":
+            export_onnx(net, batch, tmp)
+            got = torch.from_numpy(run_onnx(tmp, batch))
+        else:
+            with torch.no_grad():
+                torch.jit.trace(net, batch[:1], check_trace=False).save(str(tmp))
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", FutureWarning)
+                    got = torch.jit.load(str(tmp), map_location="cpu")(batch)
+        diff = float((got - expected).abs().max())
+        same = bool((got.argmax(1) == expected.argmax(1)).all())
+        print(f"Parity on {described}: largest logit difference {diff:.2e} (limit {PARITY_TOLERANCE:g}); "
+              f"same classes: {'yes' if same else 'NO'}")
+        if diff > PARITY_TOLERANCE or not same:
+            raise SedenseError(f"the {fmt} export of {ckpt_path} differs from PyTorch by {diff:.2e} "
+                               f"(> {PARITY_TOLERANCE:g}); nothing was written to {out_dir}")
+        sidecar_files(out_dir, model.class_names, preprocessing, path.name)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     print(f"Exported {ckpt_path} to {path}")
-    print(f"Parity on {described}: largest logit difference {diff:.2e} (limit {PARITY_TOLERANCE:g}); "
-          f"same classes: {'yes' if same else 'NO'}")
     print(f"Wrote {path}, {out_dir / 'class_indices.json'}, {out_dir / 'preprocessing.json'}")
-    if diff > PARITY_TOLERANCE or not same:
-        raise SedenseError(f"the {fmt} model differs from PyTorch by {diff:.2e} (> {PARITY_TOLERANCE:g}); do not use {path}")
     return path, diff
 
 
@@ -153,7 +170,9 @@ def export_command(argv: list[str]) -> None:
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: the run's export/ folder)")
     parser.add_argument("--images", type=Path, default=None,
                         help="images for the parity check (default: the training data, if it is still there)")
+    parser.add_argument("--weights_only", type=lambda v: v.lower() not in ("false", "0", "no"), default=True,
+                        help="false: trust a checkpoint that holds pickled objects (only one you made yourself)")
     args = parser.parse_args(argv)
     from sedense.runs import resolve_ckpt_path
 
-    export(resolve_ckpt_path(args.ckpt_path), args.format, args.out, args.images)
+    export(resolve_ckpt_path(args.ckpt_path), args.format, args.out, args.images, trusted=not args.weights_only)

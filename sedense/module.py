@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 from typing import Literal
 
@@ -13,9 +14,10 @@ from torch import Tensor
 from lightning.pytorch.callbacks import EMAWeightAveraging
 from lightning.pytorch.utilities import rank_zero_info
 from torchvision.transforms import v2 as T
-from torchmetrics.classification import MulticlassConfusionMatrix
+from torchmetrics.classification import MulticlassAccuracy
 
 from sedense.callbacks.finetuning import FreezeBackbone
+from sedense.data.datasets import UNREADABLE
 from sedense.errors import ConfigError, TrainingError
 from sedense.models import build_model
 from sedense.data.transforms import IMAGENET_MEAN, IMAGENET_STD
@@ -67,6 +69,8 @@ class ImageClassifier(L.LightningModule):
         compile: compile the training forward pass with ``torch.compile`` (a slow first step, faster
             steps after it). Validation, test and prediction run eager: a second compilation for
             eval mode would cost more than it saves on a few hundred images.
+        tta: test-time augmentation in validation, test and prediction: average each image's class
+            probabilities with its mirror image's (twice the compute).
     """
 
     def __init__(
@@ -100,6 +104,7 @@ class ImageClassifier(L.LightningModule):
         ema_decay: float | None = None,
         channels_last: bool = False,
         compile: bool = False,
+        tta: bool = False,
     ) -> None:
         super().__init__()
         if not class_names:
@@ -127,7 +132,6 @@ class ImageClassifier(L.LightningModule):
         self.class_names = list(class_names)
         self._weights_loaded = False
         self._train_forward = None  # the compiled network's forward, for training steps only
-        self.tta = False  # a prediction option (``predict_writer.tta``), not part of the model
         try:
             self.net = build_model(
                 arch,
@@ -151,17 +155,18 @@ class ImageClassifier(L.LightningModule):
         if channels_last:
             self.net.to(memory_format=torch.channels_last)
         k = len(class_names)
-        self.train_cm = MulticlassConfusionMatrix(k)
-        self.val_cm = MulticlassConfusionMatrix(k)
-        self.test_cm = MulticlassConfusionMatrix(k)
+        # Accuracy for the progress bar and for choosing checkpoints; the reports keep their own matrices.
+        self.train_acc = MulticlassAccuracy(k, average="micro")
+        self.val_acc = MulticlassAccuracy(k, average="micro")
+        self.test_acc = MulticlassAccuracy(k, average="micro")
 
     @classmethod
-    def for_inference(cls, ckpt_path: str | Path) -> tuple[ImageClassifier, dict]:
+    def for_inference(cls, ckpt_path: str | Path, trusted: bool = False) -> tuple[ImageClassifier, dict]:
         """A trained classifier in eval mode, and its preprocessing, from a sedense checkpoint alone.
 
-        Loaded without unpickling objects; no dataset, pretrained file or network is needed.
+        Loaded without unpickling objects unless ``trusted``; no dataset, pretrained file or network is needed.
         """
-        ckpt = safe_load(ckpt_path, "--ckpt_path")
+        ckpt = safe_load(ckpt_path, "--ckpt_path", trusted=trusted)
         if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "hyper_parameters" not in ckpt:
             raise ConfigError(f"--ckpt_path: {ckpt_path} is not a sedense checkpoint (no state_dict/hyper_parameters)")
         hparams = {k: v for k, v in ckpt["hyper_parameters"].items() if not k.startswith("_")}  # not LightningCLI's keys
@@ -227,7 +232,7 @@ class ImageClassifier(L.LightningModule):
             self.class_weight = weight
 
     def on_train_start(self) -> None:
-        self.val_cm.reset()
+        self.val_acc.reset()
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
         total = sum(p.numel() for p in self.parameters())
         rank_zero_info(f"Training {trainable:,} of {total:,} parameters")
@@ -235,32 +240,54 @@ class ImageClassifier(L.LightningModule):
             logger.log_metrics({"trainable_params": trainable}, step=0)
 
     # ----------------------------------------------------------------------------- steps
-    def training_step(self, batch, batch_idx: int) -> Tensor:
-        x, y = batch
+    def training_step(self, batch, batch_idx: int) -> dict:
+        x, y = batch[0], batch[1]
         target = y
         if self.mix is not None:
             x, target = self.mix(x, y)
         logits = self(x)
         weight = self.class_weight.to(logits.device) if self.class_weight is not None else None
         loss = F.cross_entropy(logits, target, weight=weight, label_smoothing=self.hparams.label_smoothing)
-        if not torch.isfinite(loss):
+        not_finite = not bool(torch.isfinite(loss))
+        if self.trainer.world_size > 1:  # every process stops, or none: a lone one would leave the others waiting
+            not_finite = self.trainer.strategy.reduce_boolean_decision(not_finite, all=False)
+        if not_finite:
             raise TrainingError(
-                f"the training loss is {loss.item()} at epoch {self.current_epoch}, step {self.global_step}: "
+                f"the training loss is no longer a number at epoch {self.current_epoch}, step {self.global_step}: "
                 f"lower model.lr (now {self.hparams.lr}), add model.warmup_epochs or use trainer.precision 32-true, "
                 "then resume from the last good checkpoint with --ckpt_path last or start again"
             )
         # Under MixUp/CutMix the label of an image is the class with the largest share in it.
-        self.train_cm.update(logits.argmax(1), target.argmax(1) if target.ndim == 2 else y)
+        labels = target.argmax(1) if target.ndim == 2 else y
+        preds = logits.detach().argmax(1)
+        self.train_acc.update(preds, labels)
         self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(y))
-        return loss
+        return {"loss": loss, "preds": preds, "target": labels}
+
+    def eval_log_probs(self, x: Tensor) -> Tensor:
+        """Log-probabilities for evaluation: of the image, or with ``tta`` of the mean of it and its mirror's."""
+        if not self.hparams.tta:
+            return F.log_softmax(self(x).float(), dim=1)
+        probs = (self(x).float().softmax(1) + self(x.flip(-1)).float().softmax(1)) / 2
+        return probs.clamp_min(1e-12).log()
 
     def _eval_step(self, batch, prefix: str) -> dict:
-        x, y = batch
-        logits = self(x)
-        loss = F.cross_entropy(logits, y)
-        getattr(self, f"{prefix}_cm").update(logits.argmax(1), y)
+        """Scores every labelled image once; unreadable images and padding (targets below 0) are left out."""
+        x, y = batch[0], batch[1]
+        index = batch[2] if len(batch) > 2 else torch.arange(len(y), device=y.device)
+        scored = y >= 0
+        unreadable = index[y == UNREADABLE]
+        if not bool(scored.all()):
+            x, y = x[scored], y[scored]
+        log_probs = self.eval_log_probs(x) if len(y) else torch.zeros(0, self.num_classes, device=y.device)
+        # Logged with its true batch size, which may be 0: every process logs every batch, so that the
+        # epoch's mean is synchronised by all of them.
+        loss = F.nll_loss(log_probs, y) if len(y) else log_probs.sum()
+        if len(y):
+            getattr(self, f"{prefix}_acc").update(log_probs.argmax(1), y)
         self.log(f"{prefix}_loss", loss, on_epoch=True, prog_bar=prefix == "val", batch_size=len(y), sync_dist=True)
-        return {"loss": loss, "logits": logits.detach()}
+        return {"loss": loss, "log_probs": log_probs.detach(), "target": y, "images": x.detach(),
+                "index": index[scored], "unreadable": unreadable}
 
     def validation_step(self, batch, batch_idx: int) -> dict:
         return self._eval_step(batch, "val")
@@ -269,17 +296,18 @@ class ImageClassifier(L.LightningModule):
         return self._eval_step(batch, "test")
 
     def predict_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
-        x, _ = batch
-        probs = self(x).float().softmax(dim=1)
-        if self.tta:
-            probs = (probs + self(x.flip(-1)).float().softmax(dim=1)) / 2
-        return probs
+        """Class probabilities of every image of the batch (also of unreadable ones and padding: see the targets)."""
+        return self.eval_log_probs(batch[0]).exp()
 
     def _log_epoch_accuracy(self, prefix: str) -> None:
-        cm = getattr(self, f"{prefix}_cm")
-        matrix = cm.compute()
-        self.log(f"{prefix}_acc", matrix.trace().float() / matrix.sum().clamp(min=1), prog_bar=prefix != "train")
-        cm.reset()
+        metric = getattr(self, f"{prefix}_acc")
+        # compute() is a collective: every process takes part, also one whose share was only padding. The one
+        # exception is a training epoch's end that a resumed run replays: no process has counts, none computes.
+        if prefix != "train" or metric.update_count:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*compute.*before the ``update``")
+                self.log(f"{prefix}_acc", metric.compute(), prog_bar=prefix != "train")
+        metric.reset()
 
     def on_train_epoch_end(self) -> None:
         self._log_epoch_accuracy("train")

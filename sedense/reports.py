@@ -3,15 +3,27 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 
-from sedense.runs import write_atomic
+from sedense.runs import Location, write_file
 
 MEAN_KEYS = ("mean precision", "mean recall", "mean specificity", "mean f1 score")
+SUMMARY_KEYS = ("accuracy", *MEAN_KEYS)
+CLASS_PREFIX = "class:"
+
+
+def class_key(name: str) -> str:
+    """The key of class ``name`` in a metrics dict: the name itself, unless it would collide with a summary key.
+
+    A class folder named ``accuracy`` or ``mean precision`` (or one that starts with ``class:``) gets the key
+    ``class:<name>``, so that per-class entries and the summary never overwrite each other. The mapping is
+    one-to-one, and ordinary names keep the source's shape.
+    """
+    return f"{CLASS_PREFIX}{name}" if name in SUMMARY_KEYS or name.startswith(CLASS_PREFIX) else name
 
 
 def _safe_div(num: np.ndarray, den: np.ndarray) -> np.ndarray:
@@ -23,7 +35,8 @@ def class_metrics(matrix: np.ndarray | Sequence, class_names: Sequence[str]) -> 
     """Accuracy, per-class Precision / Recall / Specificity / F1 and their (macro) means.
 
     ``matrix[i, j]`` counts images of true class ``i`` predicted as ``j``. The result has the
-    source's shape: ``{"accuracy": .., "<class>": {"Precision": .., ...}, "mean precision": ..}``.
+    source's shape: ``{"accuracy": .., "<class>": {"Precision": .., ...}, "mean precision": ..}``, each class
+    under :func:`class_key` of its name.
     """
     cm = np.asarray(matrix, dtype=np.float64)
     tp = np.diag(cm)
@@ -34,7 +47,7 @@ def class_metrics(matrix: np.ndarray | Sequence, class_names: Sequence[str]) -> 
     f1 = _safe_div(2 * precision * recall, precision + recall)
     out: dict = {"accuracy": float(tp.sum() / cm.sum()) if cm.sum() > 0 else 0.0}
     for i, name in enumerate(class_names):
-        out[name] = {
+        out[class_key(name)] = {
             "Precision": float(precision[i]),
             "Recall": float(recall[i]),
             "Specificity": float(specificity[i]),
@@ -45,13 +58,23 @@ def class_metrics(matrix: np.ndarray | Sequence, class_names: Sequence[str]) -> 
     return out
 
 
+def topk_record(probs, names: Sequence[str], k: int) -> dict:
+    """``{"class", "confidence", "top_k": [{"class", "probability"}, …]}`` for one image's class probabilities."""
+    conf, idx = probs.float().topk(min(k, len(names)))
+    return {
+        "class": names[int(idx[0])],
+        "confidence": round(float(conf[0]), 6),
+        "top_k": [{"class": names[int(i)], "probability": round(float(c), 6)} for c, i in zip(conf, idx)],
+    }
+
+
 def format_report(metrics: dict, class_names: Sequence[str], support: Sequence[int]) -> str:
     """A table like scikit-learn's ``classification_report``, with specificity."""
     width = max(12, *(len(n) for n in class_names))
     head = f"{'':>{width}}  precision     recall  specificity   f1-score    support"
     lines = [head, ""]
     for name, n in zip(class_names, support):
-        m = metrics[name]
+        m = metrics[class_key(name)]
         lines.append(
             f"{name:>{width}}  {m['Precision']:9.4f}  {m['Recall']:9.4f}  {m['Specificity']:11.4f}"
             f"  {m['F1 score']:9.4f}  {n:9d}"
@@ -66,18 +89,18 @@ def format_report(metrics: dict, class_names: Sequence[str], support: Sequence[i
     return "\n".join(lines)
 
 
-def write_json(path: Path, data: dict) -> None:
-    write_atomic(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+def write_json(path: Location, data) -> None:
+    write_file(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
-def write_matrix_csv(path: Path, matrix: np.ndarray, class_names: Sequence[str]) -> None:
+def matrix_csv(matrix: np.ndarray, class_names: Sequence[str]) -> str:
     """Counts with a header row of predicted classes and a first column of true classes."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(["true \\ predicted", *class_names])
-        for name, row in zip(class_names, np.asarray(matrix).astype(int)):
-            writer.writerow([name, *row.tolist()])
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["true \\ predicted", *class_names])
+    for name, row in zip(class_names, np.asarray(matrix).astype(int)):
+        writer.writerow([name, *row.tolist()])
+    return out.getvalue()
 
 
 def _pyplot():
@@ -160,17 +183,19 @@ def render(fig) -> np.ndarray:
     return pixels
 
 
-def save_png(pixels: np.ndarray, path: Path) -> None:
+def png_bytes(pixels: np.ndarray) -> bytes:
+    """An HWC uint8 image as PNG file content."""
     from PIL import Image
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(pixels).save(path)
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format="PNG")
+    return out.getvalue()
 
 
-def save_figure(fig, path: Path) -> np.ndarray:
+def save_figure(fig, path: Location) -> np.ndarray:
     """Render ``fig`` once, write it as a PNG and return its pixels (for TensorBoard)."""
     pixels = render(fig)
-    save_png(pixels, path)
+    write_file(path, png_bytes(pixels))
     return pixels
 
 

@@ -1,19 +1,29 @@
-"""``sedense serve``: an HTTP classification service with LitServe (batched, with a health check)."""
+"""``sedense serve``: an HTTP classification service with LitServe (batched, with a health check).
+
+Each upload is decoded once, in a thread of the HTTP process (never on its event loop), and turned into
+the model's input pixels there: a file that cannot be decoded gets its own ``400`` before it reaches the
+model, so it can never fail the other requests it would have been batched with. The model workers
+receive pixels only.
+"""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import base64
 import binascii
 import io
 import json
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from sedense.data.images import check_image, load_image
-from sedense.data.transforms import build_transforms
-from sedense.errors import SedenseError
+from sedense.data.transforms import eval_geometry, to_tensor
+from sedense.errors import ConfigError, SedenseError
+from sedense.reports import topk_record
 
 try:
     import litserve as ls
@@ -29,26 +39,36 @@ def require_litserve() -> None:
         raise SedenseError("sedense serve needs LitServe: pip install 'sedense[serve]'")
 
 
-def topk_record(probs: torch.Tensor, names: list[str], k: int) -> dict:
-    """``{"class", "confidence", "top_k": [{"class", "probability"}, …]}`` for one image."""
-    conf, idx = probs.topk(min(k, len(names)))
-    return {
-        "class": names[int(idx[0])],
-        "confidence": round(float(conf[0]), 6),
-        "top_k": [{"class": names[int(i)], "probability": round(float(c), 6)} for c, i in zip(conf, idx)],
-    }
+class UploadDecoder:
+    """Upload bytes → the model's input pixels (uint8, HWC): checked, decoded once, upright, resized and cropped."""
+
+    def __init__(self, preprocessing: dict) -> None:
+        from torchvision.transforms import v2 as T
+
+        self.geometry = T.Compose(eval_geometry(preprocessing["image_size"], preprocessing["eval_crop"]))
+
+    def __call__(self, data: bytes) -> np.ndarray:
+        reason = "empty upload" if not data else check_image(io.BytesIO(data), "header")
+        if reason:
+            raise ValueError(reason)
+        try:
+            return np.asarray(self.geometry(load_image(io.BytesIO(data))), dtype=np.uint8)
+        except Exception as err:  # noqa: BLE001 - any decoder failure is a bad upload
+            raise ValueError(f"cannot be decoded ({type(err).__name__}: {err})") from None
 
 
 class ImageUploadMiddleware:
-    """Turns an upload into ``{"image": <base64>}`` for the API, or answers 4xx itself.
+    """Turns an upload into the model's input pixels for the API, or answers 4xx itself.
 
     Accepts the image as the raw request body, as a multipart form file (``curl -F
     file=@photo.jpg``) or as JSON ``{"image": "<base64>"}``. An upload over ``max_bytes`` gets
-    413; anything that is not a readable image gets 400, before it can reach (and fail) a batch.
+    413; anything that is not a readable image gets 400.
     """
 
-    def __init__(self, app, max_bytes: int, path: str = "/predict") -> None:
+    def __init__(self, app, max_bytes: int, preprocessing: dict, path: str = "/predict", threads: int = 4) -> None:
         self.app, self.max_bytes, self.path = app, max_bytes, path
+        self.decode = UploadDecoder(preprocessing)
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="sedense-decode")
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http" or scope["path"] != self.path or scope["method"] != "POST":
@@ -65,14 +85,12 @@ class ImageUploadMiddleware:
                 return
         try:
             image = await self._image_bytes(scope, body)
+            pixels = await asyncio.get_running_loop().run_in_executor(self.pool, self.decode, image)
         except ValueError as err:
-            await JSONResponse({"error": str(err)}, 400)(scope, receive, send)
+            await JSONResponse({"error": f"not a usable image: {err}"}, 400)(scope, receive, send)
             return
-        reason = "empty upload" if not image else check_image(io.BytesIO(image), "full")
-        if reason:
-            await JSONResponse({"error": f"not a usable image: {reason}"}, 400)(scope, receive, send)
-            return
-        payload = json.dumps({"image": base64.b64encode(image).decode("ascii")}).encode()
+        payload = json.dumps({"pixels": base64.b64encode(pixels.tobytes()).decode("ascii"),
+                              "height": pixels.shape[0], "width": pixels.shape[1]}).encode()
         headers = [(k, v) for k, v in scope["headers"] if k not in (b"content-type", b"content-length")]
         headers += [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
         sent = False
@@ -107,22 +125,26 @@ class ImageUploadMiddleware:
 
 
 class ClassifierAPI(ls.LitAPI if ls is not None else object):
-    """Decodes an uploaded image, classifies a batch of them, answers top-k JSON per image."""
+    """Normalises decoded pixels, classifies a batch of them, answers top-k JSON per image."""
 
-    def __init__(self, ckpt_path: Path, top_k: int, max_batch_size: int, batch_timeout: float) -> None:
+    def __init__(self, ckpt_path: Path, top_k: int, max_batch_size: int, batch_timeout: float,
+                 trusted: bool = False) -> None:
         super().__init__(max_batch_size=max_batch_size, batch_timeout=batch_timeout)
-        self.ckpt_path, self.top_k = ckpt_path, top_k
+        self.ckpt_path, self.top_k, self.trusted = ckpt_path, top_k, trusted
 
     def setup(self, device) -> None:
+        from torchvision.transforms import v2 as T
+
         from sedense.module import ImageClassifier
 
-        self.model, pre = ImageClassifier.for_inference(self.ckpt_path)
+        self.model, pre = ImageClassifier.for_inference(self.ckpt_path, trusted=self.trusted)
         self.model.to(device)
         self.device = device
-        self.transform = build_transforms(False, pre["image_size"], pre["mean"], pre["std"], eval_crop=pre["eval_crop"])
+        self.normalize = T.Compose(to_tensor(pre["mean"], pre["std"]))
 
     def decode_request(self, request) -> torch.Tensor:
-        return self.transform(load_image(io.BytesIO(base64.b64decode(request["image"]))))
+        pixels = np.frombuffer(base64.b64decode(request["pixels"]), dtype=np.uint8)
+        return self.normalize(torch.from_numpy(pixels.reshape(request["height"], request["width"], 3).copy()).permute(2, 0, 1))
 
     def batch(self, inputs: list[torch.Tensor]) -> torch.Tensor:
         return torch.stack(inputs)
@@ -130,7 +152,7 @@ class ClassifierAPI(ls.LitAPI if ls is not None else object):
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         single = x.ndim == 3
         with torch.inference_mode():
-            probs = self.model(x[None] if single else x).float().softmax(1).cpu()
+            probs = self.model.eval_log_probs((x[None] if single else x).to(self.device)).exp().cpu()
         return probs[0] if single else probs
 
     def unbatch(self, output: torch.Tensor) -> list[torch.Tensor]:
@@ -158,25 +180,41 @@ def wait_until_healthy(url: str, timeout: float = 180.0) -> bool:
     return False
 
 
-def build_server(ckpt_path: Path, top_k: int = 5, max_batch_size: int = 8, batch_timeout: float = 0.01,
-                 max_upload_mb: float = 10.0, accelerator: str = "auto", workers_per_device: int = 1):
+def build_server(ckpt_path: Path, preprocessing: dict, top_k: int = 5, max_batch_size: int = 8,
+                 batch_timeout: float = 0.01, max_upload_mb: float = 10.0, accelerator: str = "auto",
+                 workers_per_device: int = 1, trusted: bool = False):
     """A LitServer for the classifier in ``ckpt_path`` (POST /predict, GET /health)."""
     require_litserve()
-    api = ClassifierAPI(ckpt_path, top_k, max_batch_size, batch_timeout)
+    api = ClassifierAPI(ckpt_path, top_k, max_batch_size, batch_timeout, trusted)
     return ls.LitServer(
         api,
         accelerator=accelerator,
         devices=1,
         workers_per_device=workers_per_device,
         timeout=60,
-        middlewares=[(ImageUploadMiddleware, {"max_bytes": int(max_upload_mb * 2**20)})],
+        middlewares=[(ImageUploadMiddleware, {"max_bytes": int(max_upload_mb * 2**20), "preprocessing": preprocessing})],
     )
+
+
+def check_options(args: argparse.Namespace) -> None:
+    """Refuse impossible settings at start-up, in one line, before anything is loaded."""
+    for name, ok, need in (
+        ("top_k", args.top_k >= 1, "at least 1"),
+        ("max_batch_size", args.max_batch_size >= 1, "at least 1"),
+        ("batch_timeout", args.batch_timeout >= 0, "0 or more seconds"),
+        ("max_upload_mb", args.max_upload_mb > 0, "more than 0"),
+        ("workers_per_device", args.workers_per_device >= 1, "at least 1"),
+        ("port", 0 < args.port < 65536, "a port number from 1 to 65535"),
+    ):
+        if not ok:
+            raise ConfigError(f"--{name} must be {need}, got {getattr(args, name)}")
 
 
 def serve_command(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(
         prog="sedense serve",
-        description="Serve a trained classifier over HTTP: POST an image to /predict, get top-k JSON.",
+        description="Serve a trained classifier over HTTP: POST an image to /predict, get top-k JSON. "
+                    "The service has no authentication: it listens on 127.0.0.1 unless --host says otherwise.",
     )
     parser.add_argument("--ckpt_path", required=True, help="a sedense checkpoint (.ckpt), `best` or `last`")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
@@ -187,14 +225,17 @@ def serve_command(argv: list[str]) -> None:
     parser.add_argument("--max_upload_mb", type=float, default=10.0, help="larger uploads get 413")
     parser.add_argument("--accelerator", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     parser.add_argument("--workers_per_device", type=int, default=1, help="model copies per device")
+    parser.add_argument("--weights_only", type=lambda v: v.lower() not in ("false", "0", "no"), default=True,
+                        help="false: trust a checkpoint that holds pickled objects (only one you made yourself)")
     args = parser.parse_args(argv)
+    check_options(args)
     require_litserve()
-    from sedense.runs import resolve_ckpt_path
     from sedense.module import ImageClassifier
+    from sedense.runs import resolve_ckpt_path
 
     ckpt = resolve_ckpt_path(args.ckpt_path)
-    ImageClassifier.for_inference(ckpt)  # fail here, in one line, rather than inside a worker
-    server = build_server(ckpt, args.top_k, args.max_batch_size, args.batch_timeout, args.max_upload_mb,
-                          args.accelerator, args.workers_per_device)
-    print(f"Serving {ckpt} on http://{args.host}:{args.port}/predict (health: /health)", flush=True)
+    _, preprocessing = ImageClassifier.for_inference(ckpt, trusted=not args.weights_only)  # fail here, in one line
+    server = build_server(ckpt, preprocessing, args.top_k, args.max_batch_size, args.batch_timeout,
+                          args.max_upload_mb, args.accelerator, args.workers_per_device, not args.weights_only)
+    print(f"Serving {ckpt} on http://{args.host}:{args.port}/predict (health: /health; no authentication)", flush=True)
     server.run(host=args.host, port=args.port, generate_client_file=False, num_api_servers=1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -60,12 +61,31 @@ TINY = [
 ]
 
 
-def run_sedense(args: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
-    """Run the ``sedense`` command in a subprocess, as a user would."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "sedense", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
-    )
+TESTS = Path(__file__).resolve().parent
+
+
+def sedense_env(**extra: str) -> dict:
+    """The environment a `sedense` subprocess runs in: the tests folder importable (for injected callbacks)."""
+    path = os.pathsep.join(p for p in (str(TESTS), os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": path, **extra}
+
+
+# For several processes on the 2-core machine: one thread each, as Lightning's launcher does not set it.
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+
+
+def run_sedense(args: list[str], cwd: Path, check: bool = True, timeout: float = 600, env: dict | None = None,
+                **popen) -> subprocess.CompletedProcess:
+    """Run the ``sedense`` command in a subprocess, as a user would; on timeout, end it and the processes it started."""
+    with subprocess.Popen([sys.executable, "-m", "sedense", *args], cwd=cwd, env=sedense_env(**(env or {})), text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True, **popen) as p:
+        try:
+            out, err = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            out, err = p.communicate()
+            raise AssertionError(f"sedense {' '.join(args)} ran past {timeout} s:\n{out[-2000:]}\n{err[-4000:]}") from None
+    proc = subprocess.CompletedProcess(p.args, p.returncode, out, err)
     if check and proc.returncode != 0:
         raise AssertionError(f"sedense {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
     return proc
@@ -115,3 +135,35 @@ def make_bad_corpus(root: Path) -> dict[str, list[Path]]:
     (glass / "sub" / "up").symlink_to("..", target_is_directory=True)  # a folder loop
     (metal / "whole.jpg").unlink()
     return {"good": good, "bad": bad, "truncated": [truncated]}
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory) -> Path:
+    """A folder holding a tiny trained run (lightning_logs/version_0, 2 epochs) and its data, made once.
+
+    Tests read it and write their own runs elsewhere (``--trainer.default_root_dir``), never into it.
+    """
+    root = tmp_path_factory.mktemp("trained")
+    make_folder(root / "data", {"cardboard": 8, "glass": 8, "metal": 8})
+    run_sedense(["fit", *TINY, "--data.root", "data", "--trainer.max_epochs", "2"], root)
+    return root
+
+
+def best_checkpoint(root: Path) -> Path:
+    """The one best checkpoint of ``root``'s first run."""
+    (found,) = (root / "lightning_logs" / "version_0" / "checkpoints").glob("best*.ckpt")
+    return found
+
+
+def read_csv(path: Path) -> list[dict]:
+    import csv
+
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def newest_run(root: Path) -> Path:
+    return max((root / "lightning_logs").glob("version_*"), key=lambda p: int(p.name.split("_")[1]))
+
+
+PREDICT = ["--data.num_workers", "0", "--trainer.enable_progress_bar", "false", "--trainer.accelerator", "cpu"]

@@ -64,9 +64,9 @@ def test_fit_test_predict_round_trip(tmp_path):
     assert [r["path"] for r in rows] == sorted(str(p) for p in unlabelled.rglob("*.png"))
     for row in rows:
         assert row["class"] in {"cardboard", "glass", "metal"}
-        top = [item.rsplit(":", 1) for item in row["top3"].split(";")]
-        assert top[0][0] == row["class"] and float(top[0][1]) == pytest.approx(float(row["confidence"]), abs=1e-4)
-        assert sum(float(p) for _, p in top) == pytest.approx(1.0, abs=1e-3)
+        top = list(json.loads(row["top3"]).items())  # {"class": probability, ...}, most likely first
+        assert top[0][0] == row["class"] and top[0][1] == pytest.approx(float(row["confidence"]), abs=1e-4)
+        assert sum(p for _, p in top) == pytest.approx(1.0, abs=1e-3)
     # Pure colours are easy: the trained model gets (nearly) all of them right.
     correct = sum(r["class"] == Path(r["path"]).stem.split("_")[0] for r in rows)
     assert correct >= 5

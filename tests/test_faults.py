@@ -13,15 +13,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, make_bad_corpus, make_folder, run_sedense
+from conftest import ONE_THREAD, TINY, make_bad_corpus, make_folder, newest_run, read_csv, run_sedense
 
 from sedense.runs import AtomicCheckpointIO
 from sedense.data import ImageFolderDataModule, check_image, load_image, scan_dataset
-
-
-def read_csv(path: Path) -> list[dict]:
-    with open(path, newline="", encoding="utf-8") as f:
-        return list(csv.DictReader(f))
 
 
 def test_scan_keeps_awkward_images_and_skips_broken_files(tmp_path):
@@ -93,7 +88,9 @@ def test_checkpoint_with_arbitrary_objects_is_refused_in_one_line(tmp_path):
     for sub in ("fit", "test"):
         proc = run_sedense([sub, *TINY, "--data.root", "data", "--ckpt_path", "evil.ckpt"], tmp_path, check=False)
         assert proc.returncode == 2, proc.stderr
-        assert proc.stderr.strip().splitlines()[-1].startswith("sedense: error: --ckpt_path: cannot read evil.ckpt")
+        last = proc.stderr.strip().splitlines()[-1]
+        assert last.startswith("sedense: error: --ckpt_path: evil.ckpt holds pickled Python objects (pathlib.")
+        assert last.endswith("add --weights_only false") and "\x1b" not in last
 
 
 def test_nan_loss_stops_with_one_line(tmp_path):
@@ -107,29 +104,46 @@ def test_nan_loss_stops_with_one_line(tmp_path):
     assert last.startswith("sedense: error: the training loss is") and "lower model.lr" in last
 
 
-def test_two_processes_count_every_image_once_and_match_one_process(tmp_path):
-    # 3 + 2 + 2 = 7 validation images: odd, so padding would repeat one on the second process.
-    make_folder(tmp_path / "data", {"cardboard": 9, "glass": 8, "metal": 8})
-    base = [*TINY, "--data.root", "data", "--data.val_split", "0.3", "--data.batch_size", "2"]
+def test_two_processes_on_tiny_data_train_count_every_image_once_and_match_one_process(tmp_path):
+    # 10 training images are fewer than a batch for each of 2 processes (comparing the whole set with the batch
+    # size dropped them all), and a test folder of 1 image has fewer images than processes (one process gets none).
+    make_folder(tmp_path / "data", {"cardboard": 6, "glass": 6})
+    make_folder(tmp_path / "one", {"glass": 1})
+    base = [*TINY, "--data.root", "data", "--data.val_split", "0.1", "--reports.worst_images", "2"]
     ddp = ["--trainer.strategy", "ddp", "--trainer.devices", "2"]
-    run_sedense(["fit", *base, *ddp, "--trainer.max_epochs", "2"], tmp_path)
+    run_sedense(["fit", *base, *ddp, "--trainer.max_epochs", "2"], tmp_path, timeout=300, env=ONE_THREAD)
     run = tmp_path / "lightning_logs" / "version_0"
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2  # a step an epoch
     matrix = [list(map(int, r[1:])) for r in list(csv.reader(open(run / "confusion_matrix_val.csv")))[1:]]
-    assert sum(map(sum, matrix)) == 7
+    assert sum(map(sum, matrix)) == 2
 
     reports = {}
     for name, extra in (("two", ddp), ("one", [])):
-        run_sedense(["validate", *base, *extra, "--ckpt_path", "best"], tmp_path)
-        newest = max((tmp_path / "lightning_logs").glob("version_*"), key=lambda p: int(p.name.split("_")[1]))
-        reports[name] = json.loads((newest / "metrics_val.json").read_text())
-    assert reports["two"]["images"] == reports["one"]["images"] == 7
+        run_sedense(["validate", *base, *extra, "--ckpt_path", "best"], tmp_path, timeout=300, env=ONE_THREAD)
+        reports[name] = json.loads((newest_run(tmp_path) / "metrics_val.json").read_text())
+    assert reports["two"]["images"] == reports["one"]["images"] == 2
     assert reports["two"]["valid info"] == reports["one"]["valid info"]
     assert reports["two"]["loss"] == pytest.approx(reports["one"]["loss"], rel=1e-5)
+    assert reports["two"]["worst"] == reports["one"]["worst"]  # gathered from every process, not rank 0's share
 
-    run_sedense(["predict", *base, *ddp, "--ckpt_path", "best", "--data.predict_root", "data/glass"], tmp_path)
-    newest = max((tmp_path / "lightning_logs").glob("version_*"), key=lambda p: int(p.name.split("_")[1]))
-    rows = read_csv(newest / "predictions.csv")
+    run_sedense(["test", *base, *ddp, "--ckpt_path", "best", "--data.test_root", "one"], tmp_path, timeout=300,
+                env=ONE_THREAD)
+    assert json.loads((newest_run(tmp_path) / "metrics_test.json").read_text())["images"] == 1
+
+    run_sedense(["predict", *base, *ddp, "--ckpt_path", "best", "--data.predict_root", "data/glass"], tmp_path,
+                timeout=300, env=ONE_THREAD)
+    rows = read_csv(newest_run(tmp_path) / "predictions.csv")
     assert [r["path"] for r in rows] == sorted(str(p.relative_to(tmp_path)) for p in (tmp_path / "data/glass").glob("*.png"))
+
+
+def test_a_nan_on_one_process_stops_every_process_with_one_line(tmp_path):
+    make_folder(tmp_path / "data", {"cardboard": 16, "glass": 16})
+    proc = run_sedense(["fit", *TINY, "--data.root", "data", "--trainer.strategy", "ddp", "--trainer.devices", "2",
+                        "--trainer.max_epochs", "3", "--trainer.callbacks+=inject.NanOnRank"], tmp_path, check=False,
+                       timeout=240, env=ONE_THREAD)  # before the fix, the other process waited forever in the gradient all-reduce
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("sedense: error:")]
+    assert len(errors) == 1 and errors[0].startswith("sedense: error: the training loss is no longer a number at epoch 1, step 1")
 
 
 def test_a_killed_run_resumes_in_its_folder_with_every_epoch_once(tmp_path):

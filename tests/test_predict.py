@@ -14,24 +14,16 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from conftest import TINY, make_bad_corpus, make_folder, make_image, run_sedense
+from conftest import make_bad_corpus, make_image, newest_run, run_sedense
 
 from sedense.serve import wait_until_healthy
 
 PREDICT = ["--data.num_workers", "0", "--trainer.enable_progress_bar", "false", "--trainer.accelerator", "cpu"]
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> Path:
-    """A folder holding a tiny trained run (lightning_logs/version_0) and its data."""
-    root = tmp_path_factory.mktemp("trained")
-    make_folder(root / "data", {"cardboard": 8, "glass": 8, "metal": 8})
-    run_sedense(["fit", *TINY, "--data.root", "data", "--trainer.max_epochs", "2"], root)
-    return root
-
-
-def newest_run(root: Path) -> Path:
-    return max((root / "lightning_logs").glob("version_*"), key=lambda p: int(p.name.split("_")[1]))
+@pytest.fixture
+def trained(trained_run) -> Path:
+    return trained_run
 
 
 def predict(root: Path, spec: str, *extra: str, ckpt: str = "best") -> tuple[Path, subprocess.CompletedProcess]:
@@ -86,7 +78,7 @@ def test_annotate_sort_threshold_tta_and_explain(trained, tmp_path):
         assert (run / "annotated" / rel).is_file() and (run / "explained" / rel.with_suffix(".png")).is_file()
         folder = r["class"] if float(r["confidence"]) >= 0.5 else "uncertain"
         assert (tmp_path / "sorted" / folder / rel).read_bytes() == Path(r["path"]).read_bytes()
-    tta, _ = predict(trained, str(data), "--predict_writer.tta", "true")
+    tta, _ = predict(trained, str(data), "--model.tta", "true")
     flipped = rows(tta / "predictions.csv")
     assert [r["path"] for r in flipped] == [r["path"] for r in predicted]
     assert any(a["confidence"] != b["confidence"] for a, b in zip(flipped, predicted))
@@ -135,17 +127,45 @@ def server(trained):
     proc.wait()
 
 
-def test_service_answers_a_concurrent_burst_and_rejects_bad_uploads(trained, server):
+def broken_exif_jpeg(path: Path) -> Path:
+    """A photo whose pixels decode but whose EXIF block does not: orientation 6 with an XResolution stored as text.
+
+    It passes an image check; turning it upright (``exif_transpose``) fails.
+    """
+    import io
+    import struct
+
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.new("RGB", (24, 24), (40, 180, 60)).save(out, "JPEG")
+    jpg = out.getvalue()
+    entries = [struct.pack(">HHI", 0x0112, 3, 1) + struct.pack(">HH", 6, 0),  # Orientation: SHORT 6
+               struct.pack(">HHI", 0x011A, 2, 4) + b"abc\0"]  # XResolution: ASCII instead of RATIONAL
+    ifd = struct.pack(">H", len(entries)) + b"".join(entries) + struct.pack(">I", 0)
+    app1 = b"Exif\x00\x00" + b"MM\x00\x2a" + struct.pack(">I", 8) + ifd
+    path.write_bytes(jpg[:2] + b"\xff\xe1" + struct.pack(">H", len(app1) + 2) + app1 + jpg[2:])
+    return path
+
+
+def test_service_answers_a_concurrent_burst_and_rejects_bad_uploads(trained, server, tmp_path):
     import requests
+
+    from sedense.data.images import check_image
 
     files = sorted((trained / "data").rglob("*.png"))
     expected = {r["path"]: r for r in rows(predict(trained, "data")[0] / "predictions.csv")}
+    broken = broken_exif_jpeg(tmp_path / "broken exif.jpg")
+    assert check_image(broken, "full") is None  # its pixels decode: only turning it upright fails
 
     def post(path: Path):
         return requests.post(f"{server}/predict", data=path.read_bytes(), timeout=60)
 
-    with ThreadPoolExecutor(12) as pool:
-        answers = list(pool.map(post, files))
+    burst = files[:12] + [broken] + files[12:]  # sent together: batched with good uploads
+    with ThreadPoolExecutor(13) as pool:
+        answers = list(pool.map(post, burst))
+    bad = answers.pop(12)
+    assert bad.status_code == 400 and bad.json()["error"].startswith("not a usable image: cannot be decoded")
     assert [a.status_code for a in answers] == [200] * len(files)
     for path, answer in zip(files, answers):
         want = expected[str(path.relative_to(trained))]
@@ -161,3 +181,15 @@ def test_service_answers_a_concurrent_burst_and_rejects_bad_uploads(trained, ser
         bad = requests.post(f"{server}/predict", data=body, timeout=60)
         assert bad.status_code == status and "error" in bad.json()
     assert requests.get(f"{server}/health", timeout=5).status_code == 200  # still up
+
+
+@pytest.mark.parametrize("option", [["--top_k", "0"], ["--max_batch_size", "0"], ["--port", "70000"]])
+def test_service_refuses_impossible_options_at_start_up(option, capsys):
+    from sedense.cli import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(["serve", "--ckpt_path", "never-read.ckpt", *option])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.strip() == f"sedense: error: {option[0]} must be " + {
+        "--top_k": "at least 1, got 0", "--max_batch_size": "at least 1, got 0",
+        "--port": "a port number from 1 to 65535, got 70000"}[option[0]]

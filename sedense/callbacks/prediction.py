@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import csv
+import io
+import json
 import os
-import shutil
 from pathlib import Path
 from typing import Literal
 
@@ -13,29 +14,36 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
 from sedense import reports
+from sedense.callbacks.outputs import annotate_image, annotated_suffix, file_id, output_names, place_file, with_suffix_unique
 from sedense.data.datasets import UNREADABLE
-from sedense.data.images import load_image
 from sedense.errors import ConfigError
-from sedense.runs import run_dir, write_file_list
+from sedense.runs import is_remote, join, remove_stale_temporaries, run_dir, say, write_file, write_file_list
+
+STATE_FILE = "predict_state.json"  # what this prediction is (to continue it), and whether it finished
+JOURNAL = "predictions.partial"  # one `<JOURNAL>.<rank>.jsonl` per process, a line per image, while predicting
 
 
 class PredictionWriter(BasePredictionWriter):
     """Writes the predictions in the run directory, each input exactly once, in input order.
 
-    ``predictions.csv`` (path, class, confidence, top-k as ``class:probability;…``),
+    ``predictions.csv`` (path, class, confidence, and the top-k as a JSON object ``{"class": probability}``),
     ``predictions.json`` (the same as a list of records) and, when some inputs could not be read,
-    ``predict_errors.csv`` (path, reason). Under several processes the rows are gathered on
-    rank 0, which writes alone.
+    ``predict_errors.csv`` (path, reason).
+
+    Rows reach the disk as batches finish (``predictions.partial.<process>.jsonl``, flushed and synced
+    batch by batch): a crash or Ctrl-C keeps every finished batch, and running the same command again
+    continues where it stopped, predicting only the images not yet done. The final files are written
+    whole or not at all, once every image is done. Under several processes each writes its own partial
+    file and rank 0 gathers the rows.
 
     Args:
         top_k: how many of the most likely classes to list per image.
         annotate: also write a copy of every image with its class and confidence drawn on it, in
             ``annotated/`` with the inputs' folder structure.
-        sort_into: copy (or link) every input into ``<sort_into>/<predicted class>/``.
+        sort_into: copy (or link) every input into ``<sort_into>/<predicted class>/``. Inputs are never
+            modified or deleted; one that already lies where it would be sorted stays as it is.
         sort_mode: ``copy``, ``symlink`` or ``hardlink``.
         threshold: with ``sort_into``, images whose confidence is below this go to ``uncertain/``.
-        tta: test-time augmentation: average each image's probabilities with its mirror image's
-            (twice the compute).
         explain: also write a Grad-CAM heat map over every image (what the network looked at for
             its top class) in ``explained/``; needs the ``explain`` extra (``grad-cam``).
     """
@@ -48,26 +56,57 @@ class PredictionWriter(BasePredictionWriter):
         sort_mode: Literal["copy", "symlink", "hardlink"] = "copy",
         threshold: float = 0.0,
         explain: bool = False,
-        tta: bool = False,
     ) -> None:
         super().__init__(write_interval="batch")
         if top_k < 1:
             raise ConfigError(f"predict_writer.top_k must be >= 1, got {top_k}")
         if not 0 <= threshold <= 1:
             raise ConfigError(f"predict_writer.threshold must be in [0, 1], got {threshold}")
-        self.top_k = top_k
-        self.annotate = annotate
+        if sort_mode not in ("copy", "symlink", "hardlink"):
+            raise ConfigError(f"predict_writer.sort_mode must be copy, symlink or hardlink, got {sort_mode!r}")
+        self.top_k, self.annotate, self.explain = top_k, annotate, explain
         self.sort_into = Path(sort_into) if sort_into else None
-        self.sort_mode = sort_mode
-        self.threshold = threshold
-        self.explain = explain
-        self.tta = tta
-        self._rows: list[tuple[int, list[float]]] = []
-        self._failed: list[int] = []
+        self.sort_mode, self.threshold = sort_mode, threshold
+        self.manifest: dict | None = None  # what identifies this prediction (set by the command line), to continue it
+        self._reset()
 
-    def on_predict_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._rows, self._failed = [], []
-        pl_module.tta = self.tta
+    def _reset(self) -> None:
+        self.folder = None
+        self.files: list[Path] = []
+        self.previous: dict[str, str] = {}  # path -> journal line, from an interrupted run of the same prediction
+        self.lines: list[str] = []  # this session's rows, as journal lines
+        self.failed: list[str] = []
+        self._journal = None
+
+    # ----------------------------------------------------------------------------- start
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "predict":
+            return
+        self._reset()
+        data = trainer.datamodule
+        self.files = list(data.predict_files)
+        self.root = Path(str(data.predict_root)) if data.predict_root else None
+        names = output_names(self.files, self.root)
+        self.names = {str(p): n for p, n in zip(self.files, names)}
+        self.annotated = dict(zip(self.names, with_suffix_unique(names, annotated_suffix)))
+        self.explained = dict(zip(self.names, with_suffix_unique(names, lambda n: ".png")))
+        self.inputs = {file_id(p) for p in self.files}
+        self.folder = trainer.strategy.broadcast(str(run_dir(trainer)) if trainer.is_global_zero else None)
+        if trainer.is_global_zero:
+            self.previous = self._read_journals()
+            if self.manifest is not None:
+                write_file(join(self.folder, STATE_FILE), json.dumps({"manifest": self.manifest, "complete": False}))
+        done = trainer.strategy.broadcast(set(self.previous) if trainer.is_global_zero else None)
+        skipped = data.skip_predicted(done) if done and hasattr(data, "skip_predicted") else 0
+        if skipped:
+            say(f"Continuing the interrupted prediction in {self.folder}: {skipped} of {len(self.files)} images were "
+                f"predicted before it stopped; predicting the other {len(self.files) - skipped}")
+        if self.sort_into is not None and trainer.is_global_zero:
+            for dirpath, _, _ in os.walk(self.sort_into):
+                remove_stale_temporaries(dirpath)
+        if not is_remote(self.folder):
+            path = Path(self.folder) / f"{JOURNAL}.{trainer.global_rank}.jsonl"
+            self._journal = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed at the epoch's end
         if self.explain:
             if not isinstance(getattr(pl_module.net, "features", None), torch.nn.Sequential):
                 raise ConfigError("predict_writer.explain needs a sedense checkpoint (.ckpt), not an exported model")
@@ -76,140 +115,123 @@ class PredictionWriter(BasePredictionWriter):
             except ImportError:
                 raise ConfigError("predict_writer.explain needs Grad-CAM: pip install 'sedense[explain]'") from None
 
-    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
-        probs = prediction.detach().float().cpu().tolist()
-        targets = batch[1].tolist()
-        if self.explain:
-            keep = [i for i, t in enumerate(targets) if t != UNREADABLE]
-            self._explain(trainer, pl_module, batch[0][keep], [int(batch_indices[i]) for i in keep])
-        for index, row, target in zip(batch_indices, probs, targets):
-            if target == UNREADABLE:
-                self._failed.append(int(index))
-            else:
-                self._rows.append((int(index), row))
+    def _read_journals(self) -> dict[str, str]:
+        """Rows an interrupted run of this prediction wrote, by path (a cut-off last line is ignored)."""
+        rows: dict[str, str] = {}
+        if is_remote(self.folder):
+            return rows
+        for path in sorted(Path(self.folder).glob(f"{JOURNAL}.*.jsonl")):
+            for line in path.read_text(encoding="utf-8").splitlines():
+                try:
+                    rows[json.loads(line)["path"]] = line
+                except (ValueError, KeyError, TypeError):
+                    continue
+        return rows
 
-    def _explain(self, trainer: L.Trainer, pl_module: L.LightningModule, x: torch.Tensor, indices: list[int]) -> None:
+    # ----------------------------------------------------------------------------- each batch
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
+        targets, indices = batch[1].tolist(), batch[2].tolist()
+        dataset = (trainer.predict_dataloaders[0] if isinstance(trainer.predict_dataloaders, list)
+                   else trainer.predict_dataloaders).dataset
+        names = pl_module.class_names
+        keep, lines = [], []
+        for row, (target, index) in enumerate(zip(targets, indices)):
+            if index < 0:  # padding
+                continue
+            path = dataset.path(index)
+            if target == UNREADABLE:
+                self.failed.append(str(path))
+                continue
+            record = {"path": str(path), **reports.topk_record(prediction[row], names, self.top_k)}
+            keep.append(row)
+            lines.append(json.dumps(record, ensure_ascii=False))
+            self._make_copies(path, record)
+        if self.explain and keep:
+            self._explain(trainer, pl_module, batch[0][keep], [dataset.path(indices[r]) for r in keep])
+        self.lines += lines
+        if self._journal is not None and lines:  # the batch is on disk before the next one starts
+            self._journal.write("".join(line + "\n" for line in lines))
+            self._journal.flush()
+            os.fsync(self._journal.fileno())
+
+    def _make_copies(self, path: Path, record: dict) -> None:
+        if self.annotate:
+            dst = Path(self.folder) / "annotated" / self.annotated[str(path)]
+            annotate_image(path, f"{record['class']} {record['confidence']:.2f}", dst)
+        if self.sort_into is not None:
+            label = record["class"] if record["confidence"] >= self.threshold else "uncertain"
+            place_file(path, self.sort_into / label / self.names[str(path)], self.sort_mode, self.inputs)
+
+    def _explain(self, trainer: L.Trainer, pl_module: L.LightningModule, x: torch.Tensor, paths: list[Path]) -> None:
         """Grad-CAM of the top class at the network's last feature map, laid over each input."""
-        from PIL import Image
         from pytorch_grad_cam import GradCAM
         from pytorch_grad_cam.utils.image import show_cam_on_image
 
-        if not indices:
-            return
         net = pl_module.net
-        data = trainer.datamodule
+        hp = trainer.datamodule.hparams
         with torch.inference_mode(False), torch.enable_grad():  # prediction runs without autograd
             x = x.clone().float()
             with GradCAM(model=net, target_layers=[net.features[-1]]) as cam:
                 maps = cam(input_tensor=x, targets=None)  # None: the top class of each image
-        images = reports.denormalize(x, data.hparams.mean, data.hparams.std)
-        root = predict_base(data.predict_root)
-        for image, heat, index in zip(images, maps, indices):
-            dst = (run_dir(trainer) / "explained" / relative_to(data.predict_files[index], root)).with_suffix(".png")
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(show_cam_on_image(image, heat, use_rgb=True)).save(dst)
+        for image, heat, path in zip(reports.denormalize(x, hp.mean, hp.std), maps, paths):
+            dst = join(self.folder, "explained", *self.explained[str(path)].parts)
+            write_file(dst, reports.png_bytes(show_cam_on_image(image, heat, use_rgb=True)))
 
-    def _gather(self, trainer: L.Trainer) -> tuple[list, list]:
-        rows, failed = self._rows, self._failed
-        if trainer.world_size > 1 and torch.distributed.is_initialized():
+    # ----------------------------------------------------------------------------- the end
+    def _gather(self, trainer: L.Trainer) -> tuple[list[str], list[str]]:
+        lines, failed = self.lines, self.failed
+        if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
             parts: list = [None] * trainer.world_size
-            torch.distributed.all_gather_object(parts, (rows, failed))
-            rows = [r for part in parts for r in part[0]]
+            torch.distributed.all_gather_object(parts, (lines, failed))
+            lines = [line for part in parts for line in part[0]]
             failed = [f for part in parts for f in part[1]]
-        return sorted(dict(rows).items()), sorted(set(failed))
+        return lines, failed
 
     def on_predict_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        rows, failed = self._gather(trainer)  # a collective: every process takes part
+        lines, failed = self._gather(trainer)  # a collective: every process takes part
+        if self._journal is not None:
+            self._journal.close()
+            self._journal = None
         if not trainer.is_global_zero:
             return
-        data = trainer.datamodule
-        files, names = data.predict_files, pl_module.class_names
-        k = min(self.top_k, len(names))
-        folder = run_dir(trainer)
-        records = []
-        for index, probs in rows:
-            conf, idx = torch.tensor(probs).topk(k)
-            records.append({
-                "path": str(files[index]),
-                "class": names[int(idx[0])],
-                "confidence": round(float(conf[0]), 6),
-                "top_k": [{"class": names[int(i)], "probability": round(float(c), 6)} for c, i in zip(conf, idx)],
-            })
-        with open(folder / "predictions.csv", "w", newline="", encoding="utf-8") as f:
-            writer = csv.writer(f)
-            writer.writerow(["path", "class", "confidence", f"top{k}"])
-            for r in records:
-                top = ";".join(f"{t['class']}:{t['probability']:.4f}" for t in r["top_k"])
-                writer.writerow([r["path"], r["class"], f"{r['confidence']:.6f}", top])
-        reports.write_json(folder / "predictions.json", records)
-        errors = list(data.predict_errors) + [(files[i], "cannot be decoded") for i in failed]
-        written = [folder / "predictions.csv", folder / "predictions.json"]
+        rows = dict(self.previous)
+        rows.update((json.loads(line)["path"], line) for line in lines)
+        folder, k = self.folder, min(self.top_k, len(pl_module.class_names))
+        table, records = io.StringIO(), []
+        writer = csv.writer(table, lineterminator="\n")
+        writer.writerow(["path", "class", "confidence", f"top{k}"])
+        for path in self.files:  # input order; each input once
+            line = rows.get(str(path))
+            if line is None:
+                continue
+            r = json.loads(line)
+            records.append(r)
+            top = json.dumps({t["class"]: round(t["probability"], 4) for t in r["top_k"]}, ensure_ascii=False)
+            writer.writerow([r["path"], r["class"], f"{r['confidence']:.6f}", top])
+        errors = list(trainer.datamodule.predict_errors) + [(p, "cannot be decoded") for p in sorted(set(failed))]
+        written = [join(folder, "predictions.csv"), join(folder, "predictions.json")]
+        write_file(written[0], table.getvalue())
+        reports.write_json(written[1], records)
         if errors:
-            write_file_list(folder / "predict_errors.csv", errors)
-            written.append(folder / "predict_errors.csv")
-        root = predict_base(data.predict_root)
-        if self.annotate:
-            for r in records:
-                annotate_image(Path(r["path"]), f"{r['class']} {r['confidence']:.2f}", folder / "annotated" / relative_to(Path(r["path"]), root))
-            written.append(folder / "annotated")
-        if self.explain:
-            written.append(folder / "explained")
-        if self.sort_into is not None:
-            sort_files(records, self.sort_into, root, self.sort_mode, self.threshold)
-            written.append(self.sort_into)
-        skipped = f"; skipped {len(errors)} unreadable file(s), listed in {folder / 'predict_errors.csv'}" if errors else ""
+            written.append(join(folder, "predict_errors.csv"))
+            write_file_list(written[-1], errors)
+        if self.manifest is not None:
+            write_file(join(folder, STATE_FILE), json.dumps({"manifest": self.manifest, "complete": True,
+                                                             "images": len(records)}))
+        if not is_remote(folder):
+            for path in Path(folder).glob(f"{JOURNAL}.*.jsonl"):
+                path.unlink()
+        written += [join(folder, d) for d, on in (("annotated", self.annotate), ("explained", self.explain)) if on]
+        written += [self.sort_into] if self.sort_into is not None else []
+        skipped = f"; skipped {len(errors)} unreadable file(s), listed in {join(folder, 'predict_errors.csv')}" if errors else ""
         print(f"Predicted {len(records)} images{skipped}")
         print("Wrote " + ", ".join(str(p) for p in written))
 
+    def describe_interruption(self) -> str | None:
+        """What an interruption leaves: the finished batches, and how to go on."""
+        if self.folder is None:
+            return None
+        done = len(self.previous) + len(self.lines)
+        return (f"{done} of {len(self.files)} images are predicted and kept in {self.folder}; "
+                "run the same command again to predict the rest")
 
-def predict_base(spec) -> Path | None:
-    """The folder that prediction inputs are shown relative to (the input folder, if one was given)."""
-    path = Path(str(spec)) if spec else None
-    return path if path is not None and path.is_dir() else None
-
-
-def relative_to(path: Path, root: Path | None) -> Path:
-    """``path`` relative to ``root`` when inside it, else just its name."""
-    if root is not None:
-        try:
-            return path.resolve().relative_to(root.resolve())
-        except ValueError:
-            pass
-    return Path(path.name)
-
-
-def annotate_image(src: Path, label: str, dst: Path) -> None:
-    """Save ``src`` with ``label`` written in its top-left corner (the source's result pictures)."""
-    from PIL import ImageDraw, ImageFont
-
-    img = load_image(src)
-    draw = ImageDraw.Draw(img)
-    size = max(12, img.height // 18)
-    try:
-        font = ImageFont.load_default(size)
-    except TypeError:  # Pillow < 10.1
-        font = ImageFont.load_default()
-    box = draw.textbbox((4, 4), label, font=font)
-    draw.rectangle((box[0] - 3, box[1] - 3, box[2] + 3, box[3] + 3), fill=(0, 0, 0))
-    draw.text((4, 4), label, fill=(255, 255, 255), font=font)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    if dst.suffix.lower() not in (".jpg", ".jpeg", ".png", ".bmp", ".webp"):
-        dst = dst.with_suffix(".png")
-    img.save(dst)
-
-
-def sort_files(records: list[dict], out: Path, root: Path | None, mode: str, threshold: float) -> None:
-    """Copy or link every predicted file into ``out/<class>/`` (``out/uncertain/`` below ``threshold``)."""
-    for r in records:
-        src = Path(r["path"])
-        label = r["class"] if r["confidence"] >= threshold else "uncertain"
-        dst = out / label / relative_to(src, root)
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        if dst.exists() or dst.is_symlink():
-            dst.unlink()
-        if mode == "symlink":
-            dst.symlink_to(src.resolve())
-        elif mode == "hardlink":
-            os.link(src, dst)
-        else:
-            shutil.copy2(src, dst)

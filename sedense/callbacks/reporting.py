@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
-import shutil
-from pathlib import Path
+import time
+import warnings
 
 import lightning as L
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
+from torchmetrics import MeanMetric
+from torchmetrics.classification import MulticlassConfusionMatrix
 
 from sedense import reports
-from sedense.runs import run_dir
+from sedense.runs import join, run_dir, write_file
+
+STAGES = ("train", "val", "test")
 
 
 class ReportWriter(L.Callback):
@@ -18,12 +22,17 @@ class ReportWriter(L.Callback):
 
     During ``fit`` it writes, in the run directory: ``metrics.json`` (``"epoch:N"`` → ``"train
     info"`` / ``"valid info"``: accuracy, per-class Precision, Recall, Specificity, F1 score and
-    their means), ``results.csv`` and ``results.png`` (losses, accuracies, mean F1, learning rate),
-    ``confusion_matrix_{train,val}.{png,csv}`` for the last epoch and ``best_confusion_matrix_*``
+    their means), ``results.csv`` and ``results.png`` (losses, accuracies, mean F1, learning rate,
+    time), ``confusion_matrix_{train,val}.{png,csv}`` for the last epoch and ``best_confusion_matrix_*``
     for the best one, and ``train_batch.png`` (a training batch as the model sees it). ``validate``
     and ``test`` write ``metrics_{val,test}.json``, ``confusion_matrix_{val,test}.*`` and
     ``worst_{val,test}.png`` (the most confidently wrong images), and print a per-class table.
-    Metrics come from torchmetrics confusion matrices, synchronised across processes.
+
+    The writer keeps its own confusion matrices and mean losses (torchmetrics, synchronised across
+    processes), fed by the step outputs. A validation is recorded as soon as it ends, and every
+    checkpoint carries the unfinished epoch (its synchronised counts so far and its latest validation):
+    a run resumed from a checkpoint saved mid-epoch, or after a validation that ran before the epoch's
+    end, writes every epoch exactly once and with the same numbers.
 
     Args:
         worst_images: how many misclassified images the validate/test grid shows.
@@ -36,34 +45,72 @@ class ReportWriter(L.Callback):
         self.history: dict[str, dict] = {}
         self.rows: list[dict] = []
         self.best_valid: dict | None = None  # "valid info" of the best epoch so far
-        self._val: tuple | None = None  # (matrix, metrics) of the latest validation
+        self.pending: dict | None = None  # the current epoch's latest validation: info, loss, matrix
+        self.elapsed = 0.0  # seconds of training before this process's start (kept across resumes)
+        self._start: float | None = None
+        self._restored: dict | None = None  # synchronised counts of an unfinished epoch, from a checkpoint
+        self._metrics: dict = {}
         self._preview_done = False
-        self._sums = {stage: [0.0, 0] for stage in ("train", "val", "test")}  # loss sum, images
         self._worst: list = []
 
-    def _reset_sums(self, stage: str) -> None:
-        self._sums[stage] = [0.0, 0]
-        if stage != "train":
-            self._worst = []
+    # ----------------------------------------------------------------------------- state
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        k, device = pl_module.num_classes, pl_module.device
+        for s in STAGES:
+            self._metrics[f"{s}_matrix"] = MulticlassConfusionMatrix(k).to(device)
+            self._metrics[f"{s}_loss"] = MeanMetric().to(device)
+        if stage == "fit":  # before a resumed checkpoint restores the epochs already done
+            self.history, self.rows, self.best_valid, self.pending, self.elapsed = {}, [], None, None, 0.0
+            self._preview_done, self._restored = False, None
+
+    def _train_state(self) -> dict:
+        """The training counts of the epoch so far, summed over all processes (a collective)."""
+        state = {}
+        for name in ("train_matrix", "train_loss"):
+            metric = self._metrics[name]
+            with metric.sync_context(should_unsync=True):
+                state[name] = {k: v.detach().cpu().clone() for k, v in metric.metric_state.items()}
+        return state
+
+    def state_dict(self) -> dict:
+        # Saved in every checkpoint (which every process takes part in making), so that a resumed run
+        # rewrites metrics.json and results.csv with exactly the epochs the checkpoint has seen.
+        return {"history": self.history, "rows": self.rows, "best_valid": self.best_valid, "pending": self.pending,
+                "elapsed": self.elapsed_seconds(), "unfinished": self._train_state() if self._metrics else None}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.history = dict(state_dict.get("history", {}))
+        self.rows = list(state_dict.get("rows", []))
+        self.best_valid = state_dict.get("best_valid")
+        self.pending = state_dict.get("pending")
+        self.elapsed = float(state_dict.get("elapsed", 0.0))
+        self._restored = state_dict.get("unfinished")
+
+    def elapsed_seconds(self) -> float:
+        """Training time of this run so far, including the time before a resume."""
+        return self.elapsed + (time.monotonic() - self._start if self._start is not None else 0.0)
 
     # ----------------------------------------------------------------------------- helpers
-    @staticmethod
-    def _matrix(metric):
-        return metric.compute().cpu().numpy()  # compute() synchronises across processes
+    def _compute(self, stage: str):
+        """The stage's confusion matrix and mean loss over every process (a collective), then reset."""
+        matrix, loss = self._metrics[f"{stage}_matrix"], self._metrics[f"{stage}_loss"]
+        with warnings.catch_warnings():  # an epoch replayed after a resume has counts but no updates
+            warnings.filterwarnings("ignore", message=".*compute.*before the ``update``")
+            counts = matrix.compute().cpu().numpy()
+            mean = float(loss.compute())
+        matrix.reset()
+        loss.reset()
+        return counts, (mean if mean == mean else None)  # NaN: no image was scored
 
-    def _mean_loss(self, trainer: L.Trainer, stage: str) -> float | None:
-        total, count = self._sums[stage]
-        stats = torch.tensor([total, count], dtype=torch.float64, device=trainer.strategy.root_device)
-        stats = trainer.strategy.reduce(stats, reduce_op="sum")
-        return float(stats[0] / stats[1]) if stats[1] > 0 else None
-
-    def _add_loss(self, stage: str, outputs, batch) -> None:
-        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-        if loss is None:
+    def _update(self, stage: str, outputs) -> None:
+        if not isinstance(outputs, dict) or outputs.get("target") is None:
             return
-        n = len(batch[1])
-        self._sums[stage][0] += float(loss.detach()) * n
-        self._sums[stage][1] += n
+        target = outputs["target"]
+        if not len(target):
+            return
+        preds = outputs["preds"] if "preds" in outputs else outputs["log_probs"].argmax(1)
+        self._metrics[f"{stage}_matrix"].update(preds, target)
+        self._metrics[f"{stage}_loss"].update(outputs["loss"].detach().float(), weight=len(target))
 
     @staticmethod
     def _tensorboard(trainer: L.Trainer):
@@ -76,116 +123,114 @@ class ReportWriter(L.Callback):
         hp = trainer.datamodule.hparams
         return hp.mean, hp.std
 
-    def _write_matrix(self, trainer, matrix, names, stem: str, title: str, step: int | None = None) -> list[Path]:
+    def _write_matrix(self, trainer, matrix, names, stems: list[str], title: str, step: int | None = None) -> list:
+        """The matrix as ``<stem>.csv`` and ``<stem>.png`` for every stem (rendered once); TensorBoard gets the first."""
         folder = run_dir(trainer)
-        png, csv_path = folder / f"{stem}.png", folder / f"{stem}.csv"
-        reports.write_matrix_csv(csv_path, matrix, names)
-        pixels = reports.save_figure(reports.confusion_figure(matrix, names, title), png)
+        table, pixels = reports.matrix_csv(matrix, names), reports.render(reports.confusion_figure(matrix, names, title))
+        png = reports.png_bytes(pixels)
+        written = []
+        for stem in stems:
+            written += [join(folder, f"{stem}.png"), join(folder, f"{stem}.csv")]
+            write_file(written[-2], png)
+            write_file(written[-1], table)
         writer = self._tensorboard(trainer)
         if writer is not None and step is not None:
-            writer.add_image(stem, pixels, global_step=step, dataformats="HWC")
-        return [png, csv_path]
+            writer.add_image(stems[0], pixels, global_step=step, dataformats="HWC")
+        return written
 
     # ----------------------------------------------------------------------------- fit
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if stage == "fit":  # before a resumed checkpoint restores the epochs already done
-            self.history, self.rows, self.best_valid, self._preview_done = {}, [], None, False
-
-    def state_dict(self) -> dict:
-        # Saved in every checkpoint, so a resumed run rewrites metrics.json and results.csv with
-        # exactly the epochs the checkpoint has seen: none lost, none twice.
-        return {"history": self.history, "rows": self.rows, "best_valid": self.best_valid}
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        self.history = dict(state_dict.get("history", {}))
-        self.rows = list(state_dict.get("rows", []))
-        self.best_valid = state_dict.get("best_valid")
-
-    def on_train_epoch_start(self, trainer, pl_module) -> None:
-        self._reset_sums("train")
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._start = time.monotonic()
+        if self._restored and trainer.is_global_zero:  # the counts are global: one process holds them
+            for name, state in self._restored.items():
+                self._metrics[name].merge_state({k: v.to(pl_module.device) for k, v in state.items()})
+        self._restored = None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
         if self._preview_done or not trainer.is_global_zero:
             return
         self._preview_done = True
-        x, y = batch
+        x, y = batch[0], batch[1]
         n = min(self.preview_images, len(y))
         images = reports.denormalize(x[:n], *self._norm_stats(trainer))
         titles = [pl_module.class_names[int(t)] for t in y[:n]]
-        reports.save_figure(reports.image_grid_figure(images, titles), run_dir(trainer) / "train_batch.png")
+        reports.save_figure(reports.image_grid_figure(images, titles), join(run_dir(trainer), "train_batch.png"))
         writer = self._tensorboard(trainer)
         if writer is not None:
             writer.add_images("train_batch", images, global_step=trainer.global_step, dataformats="NHWC")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-        self._add_loss("train", outputs, batch)
+        self._update("train", outputs)
 
     def on_validation_epoch_start(self, trainer, pl_module) -> None:
-        self._reset_sums("val")
+        self._worst = []
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         if trainer.sanity_checking:
             return
-        self._add_loss("val", outputs, batch)
+        self._update("val", outputs)
         if trainer.state.fn == "validate":
-            self._track_worst(outputs, batch)
+            self._track_worst(trainer.val_dataloaders, outputs)
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         if trainer.sanity_checking:
+            self._metrics["val_matrix"].reset()
+            self._metrics["val_loss"].reset()
             return
-        matrix = self._matrix(pl_module.val_cm)
+        matrix, loss = self._compute("val")
         metrics = reports.class_metrics(matrix, pl_module.class_names)
-        self._val = (matrix, metrics)
         pl_module.log("val_mean_f1", metrics["mean f1 score"])
         for name in pl_module.class_names:
-            pl_module.log(f"val_f1/{name}", metrics[name]["F1 score"])
+            pl_module.log(f"val_f1/{name}", metrics[reports.class_key(name)]["F1 score"])
         if trainer.state.fn == "validate":
-            self._evaluation_report(trainer, pl_module, "val", matrix)
+            self._evaluation_report(trainer, pl_module, "val", matrix, loss)
+            return
+        # Recorded now, before any checkpoint of this validation is saved; the epoch's training half follows.
+        self.pending = {"valid info": metrics, "val_loss": loss, "matrix": matrix.tolist()}
+        if trainer.is_global_zero:
+            self.history.setdefault(f"epoch:{trainer.current_epoch}", {})["valid info"] = metrics
+            reports.write_json(join(run_dir(trainer), "metrics.json"), self.history)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         names = pl_module.class_names
-        train_matrix = self._matrix(pl_module.train_cm)
-        train_loss = self._mean_loss(trainer, "train")
-        val_loss = self._mean_loss(trainer, "val")
+        train_matrix, train_loss = self._compute("train")
+        pending, self.pending = self.pending, None
         if not trainer.is_global_zero:
             return
         epoch = trainer.current_epoch
         train_info = reports.class_metrics(train_matrix, names)
-        entry = {"train info": train_info}
-        val_matrix, val_info = self._val if self._val is not None else (None, None)
-        if val_info is not None:
-            entry["valid info"] = val_info
+        val_info = pending["valid info"] if pending else None
+        entry = {"train info": train_info, **({"valid info": val_info} if val_info else {})}
         self.history[f"epoch:{epoch}"] = entry
         folder = run_dir(trainer)
-        reports.write_json(folder / "metrics.json", self.history)
+        reports.write_json(join(folder, "metrics.json"), self.history)
 
         lr = trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else None
-        self.rows.append({
+        self.rows = [r for r in self.rows if r["epoch"] != epoch] + [{
             "epoch": epoch,
+            "time": round(self.elapsed_seconds(), 1),
             "train_loss": train_loss,
             "train_acc": train_info["accuracy"],
             "train_mean_f1": train_info["mean f1 score"],
-            "val_loss": val_loss if val_info else None,
+            "val_loss": pending["val_loss"] if pending else None,
             "val_acc": val_info["accuracy"] if val_info else None,
             "val_mean_f1": val_info["mean f1 score"] if val_info else None,
             "lr": lr,
-        })
-        text = ",".join(self.rows[0]) + "\n" + "".join(
-            ",".join("" if v is None else f"{v:.6g}" for v in row.values()) + "\n" for row in self.rows
+        }]
+        text = ",".join(self.rows[-1]) + "\n" + "".join(
+            ",".join("" if row.get(k) is None else f"{row[k]:.6g}" for k in self.rows[-1]) + "\n" for row in self.rows
         )
-        reports.write_atomic(folder / "results.csv", text)
-        reports.save_figure(reports.results_figure(self.rows), folder / "results.png")
+        write_file(join(folder, "results.csv"), text)
+        reports.save_figure(reports.results_figure(self.rows), join(folder, "results.png"))
 
-        self._write_matrix(trainer, train_matrix, names, "confusion_matrix_train", f"train, epoch {epoch}", epoch)
-        if val_info is None:
-            return
-        self._write_matrix(trainer, val_matrix, names, "confusion_matrix_val", f"val, epoch {epoch}", epoch)
-        if self.best_valid is None or val_info["accuracy"] > self.best_valid["accuracy"]:
+        best = val_info is not None and (self.best_valid is None or val_info["accuracy"] > self.best_valid["accuracy"])
+        if best:
             self.best_valid = val_info
-            for stage in ("train", "val"):
-                for ext in ("png", "csv"):
-                    shutil.copyfile(folder / f"confusion_matrix_{stage}.{ext}", folder / f"best_confusion_matrix_{stage}.{ext}")
-        self._val = None
+        extra = ["best_confusion_matrix_train"] if best else []
+        self._write_matrix(trainer, train_matrix, names, ["confusion_matrix_train", *extra], f"train, epoch {epoch}", epoch)
+        if val_info is not None:
+            extra = ["best_confusion_matrix_val"] if best else []
+            self._write_matrix(trainer, pending["matrix"], names, ["confusion_matrix_val", *extra], f"val, epoch {epoch}", epoch)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero or self.best_valid is None:
@@ -196,44 +241,58 @@ class ReportWriter(L.Callback):
 
     # ----------------------------------------------------------------------------- validate / test
     def on_test_epoch_start(self, trainer, pl_module) -> None:
-        self._reset_sums("test")
+        self._worst = []
 
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        self._add_loss("test", outputs, batch)
-        self._track_worst(outputs, batch)
+        self._update("test", outputs)
+        self._track_worst(trainer.test_dataloaders, outputs)
 
     def on_test_epoch_end(self, trainer, pl_module) -> None:
-        self._evaluation_report(trainer, pl_module, "test", self._matrix(pl_module.test_cm))
+        matrix, loss = self._compute("test")
+        self._evaluation_report(trainer, pl_module, "test", matrix, loss)
 
-    def _track_worst(self, outputs, batch) -> None:
-        if not isinstance(outputs, dict) or "logits" not in outputs or self.worst_images < 1:
+    def _track_worst(self, loaders, outputs) -> None:
+        """Keep the most confidently wrong images: (loss, image, true, predicted, confidence, path)."""
+        if not isinstance(outputs, dict) or "log_probs" not in outputs or self.worst_images < 1:
             return
-        x, y = batch
-        logits = outputs["logits"].float()
-        losses = torch.nn.functional.cross_entropy(logits, y, reduction="none")
-        probs = logits.softmax(1)
-        wrong = (logits.argmax(1) != y).nonzero().flatten().tolist()
-        for i in wrong:
-            self._worst.append((float(losses[i]), x[i].detach().cpu(), int(y[i]), int(probs[i].argmax()), float(probs[i].max())))
+        dataset = (loaders[0] if isinstance(loaders, list) else loaders).dataset
+        log_probs, y, x = outputs["log_probs"].float(), outputs["target"], outputs["images"]
+        losses = -log_probs.gather(1, y[:, None])[:, 0]
+        probs = log_probs.exp()
+        for i in (log_probs.argmax(1) != y).nonzero().flatten().tolist():
+            path = str(dataset.path(int(outputs["index"][i]))) if hasattr(dataset, "path") else None
+            self._worst.append((float(losses[i]), x[i].cpu(), int(y[i]), int(probs[i].argmax()), float(probs[i].max()), path))
         self._worst = sorted(self._worst, key=lambda w: -w[0])[: self.worst_images]
 
-    def _evaluation_report(self, trainer, pl_module, stage: str, matrix) -> None:
-        loss = self._mean_loss(trainer, stage)  # a collective: every process takes part
+    def _gather_worst(self, trainer) -> list:
+        """The most confidently wrong images of every process (a collective)."""
+        worst = self._worst
+        if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            parts: list = [None] * trainer.world_size
+            torch.distributed.all_gather_object(parts, worst)
+            worst = [w for part in parts for w in part]
+        return sorted(worst, key=lambda w: -w[0])[: self.worst_images]
+
+    def _evaluation_report(self, trainer, pl_module, stage: str, matrix, loss) -> None:
+        worst = self._gather_worst(trainer)
         if not trainer.is_global_zero:
             return
         names = pl_module.class_names
         folder = run_dir(trainer)
         metrics = reports.class_metrics(matrix, names)
         label = "valid info" if stage == "val" else "test info"
-        report = {"checkpoint": trainer.ckpt_path, "images": int(matrix.sum()), "loss": loss, label: metrics}
-        written = [folder / f"metrics_{stage}.json"]
+        report = {"checkpoint": trainer.ckpt_path, "images": int(matrix.sum()), "loss": loss, label: metrics,
+                  "worst": [{"path": w[5], "true": names[w[2]], "predicted": names[w[3]], "confidence": round(w[4], 6)}
+                            for w in worst]}
+        written = [join(folder, f"metrics_{stage}.json")]
         reports.write_json(written[0], report)
-        written += self._write_matrix(trainer, matrix, names, f"confusion_matrix_{stage}", stage)
-        if self._worst:
-            images = reports.denormalize(torch.stack([w[1] for w in self._worst]), *self._norm_stats(trainer))
-            titles = [f"true {names[w[2]]}\npred {names[w[3]]} {w[4]:.2f}" for w in self._worst]
-            written.append(folder / f"worst_{stage}.png")
+        written += self._write_matrix(trainer, matrix, names, [f"confusion_matrix_{stage}"], stage)
+        if worst:
+            images = reports.denormalize(torch.stack([w[1] for w in worst]), *self._norm_stats(trainer))
+            titles = [f"true {names[w[2]]}\npred {names[w[3]]} {w[4]:.2f}" for w in worst]
+            written.append(join(folder, f"worst_{stage}.png"))
             reports.save_figure(reports.image_grid_figure(images, titles, columns=4), written[-1])
         support = matrix.sum(1).astype(int).tolist()
         print(f"\n{stage} set: {int(matrix.sum())} images\n" + reports.format_report(metrics, names, support))
         print("Wrote " + ", ".join(str(p) for p in written))
+

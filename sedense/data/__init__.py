@@ -11,7 +11,8 @@ import importlib
 
 _EXPORTS = {
     "ImageFolderDataModule": "datamodule", "default_num_workers": "datamodule",
-    "ImageListDataset": "datasets", "UNREADABLE": "datasets",
+    "ImageListDataset": "datasets", "EvalSampler": "datasets", "UNLABELLED": "datasets", "UNREADABLE": "datasets",
+    "PADDING": "datasets",
     "Split": "folders", "match_classes": "folders", "scan_class_folders": "folders", "scan_dataset": "folders",
     "stratified_split": "folders",
     "IMG_EXTENSIONS": "images", "check_image": "images", "filter_images": "images", "is_image_file": "images",

@@ -2,27 +2,25 @@
 
 from __future__ import annotations
 
-import csv
-import json
+import math
 import os
 import time
 from collections import Counter
+from collections.abc import Collection
 from pathlib import Path
 from typing import Literal
 
 import lightning as L
 import torch
-from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2 as T
 
-from sedense.data.datasets import ImageListDataset
+from sedense.data.datasets import UNLABELLED, EvalSampler, ImageListDataset
 from sedense.data.folders import Split, match_classes, scan_class_folders, scan_dataset
 from sedense.data.images import filter_images, resolve_inputs
 from sedense.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_transforms, eval_geometry, to_tensor
 from sedense.errors import DataError
-from sedense.runs import run_dir, write_file_list
 
 
 def default_num_workers() -> int:
@@ -111,8 +109,9 @@ class ImageFolderDataModule(L.LightningDataModule):
         self.predict_root = Path(predict_root) if predict_root else None
         self.num_workers = default_num_workers() if num_workers is None else num_workers
         self._split: Split | None = None
-        self._test_skipped: list[tuple[Path, str]] = []
-        self.predict_files: list[Path] = []
+        self.test_skipped: list[tuple[Path, str]] = []  # files of the test folder that cannot be used
+        self.predict_files: list[Path] = []  # every readable input, in order
+        self.predict_pending: list[Path] = []  # those still to predict (see ``skip_predicted``)
         self.predict_errors: list[tuple[Path, str]] = []  # inputs that could not be read, with why
         self._aug = dict(
             crop_scale=crop_scale, hflip=hflip, vflip=vflip, rotation=rotation,
@@ -198,15 +197,14 @@ class ImageFolderDataModule(L.LightningDataModule):
             val = [(p, index[c]) for p, c in split.val]
             if self.hparams.cache:
                 self.train_set = ImageListDataset(train, self.train_transform(), T.Resize(self.train_cache_side()))
-                self.val_set = ImageListDataset(val, T.Compose(to_tensor(hp.mean, hp.std)), T.Compose(eval_geometry(hp.image_size, hp.eval_crop)))
+                self.val_set = self._eval_set(val, T.Compose(to_tensor(hp.mean, hp.std)),
+                                              T.Compose(eval_geometry(hp.image_size, hp.eval_crop)))
                 self._fill_caches(self.train_set, self.val_set)
             else:
                 self.train_set = ImageListDataset(train, self.train_transform())
-                self.val_set = ImageListDataset(val, self.eval_transform())
-            self._write_run_files(split)
+                self.val_set = self._eval_set(val, self.eval_transform())
         elif stage == "test":
-            self.test_set = ImageListDataset(self._test_samples(), self.eval_transform())
-            self._write_skipped(self._test_skipped)
+            self.test_set = self._eval_set(self._test_samples(), self.eval_transform())
         elif stage == "predict":
             if self.predict_root is None:
                 raise DataError("data.predict_root is not set: give the images to classify (folder, image, glob or list)")
@@ -216,9 +214,20 @@ class ImageFolderDataModule(L.LightningDataModule):
             if not self.predict_files:
                 detail = f"; e.g. {self.predict_errors[0][0]}: {self.predict_errors[0][1]}" if self.predict_errors else ""
                 raise DataError(f"data.predict_root: no readable images in {self.predict_root}{detail}")
-            self.predict_set = ImageListDataset(
-                [(p, -1) for p in self.predict_files], self.eval_transform(), on_error="mark", blank_size=hp.image_size
-            )
+            self.predict_pending = list(self.predict_files)
+
+    def skip_predicted(self, done: Collection[str]) -> int:
+        """Leave out of this prediction the inputs already predicted (``str`` paths, from an interrupted run).
+
+        Returns how many of the inputs are left out. Call it after ``setup("predict")`` and before the
+        prediction loader is made.
+        """
+        self.predict_pending = [p for p in self.predict_files if str(p) not in done]
+        return len(self.predict_files) - len(self.predict_pending)
+
+    def _eval_set(self, samples: list[tuple[Path, int]], transform, prepare=None) -> ImageListDataset:
+        """Evaluation never substitutes a broken image with another (that would count one twice): it marks it."""
+        return ImageListDataset(samples, transform, prepare, evaluation=True, blank_size=self.hparams.image_size)
 
     def _check_model_classes(self, class_names: list[str]) -> None:
         model_names = self._model_class_names()
@@ -231,8 +240,8 @@ class ImageFolderDataModule(L.LightningDataModule):
     def _test_samples(self) -> list[tuple[Path, int]]:
         model_names = self._model_class_names()
         if self.test_root is not None:
-            found = scan_class_folders(self.test_root, "data.test_root", 1, self.hparams.verify, self._test_skipped)
-            self._report_skipped(self._test_skipped, str(self.test_root))
+            found = scan_class_folders(self.test_root, "data.test_root", 1, self.hparams.verify, self.test_skipped)
+            self._report_skipped(self.test_skipped, str(self.test_root))
             names = model_names or sorted(found)
             pairs = match_classes(found, names, self.test_root, "data.test_root")
         elif self.root is not None:
@@ -240,37 +249,16 @@ class ImageFolderDataModule(L.LightningDataModule):
             names = model_names or split.class_names
             self._check_model_classes(split.class_names)
             pairs = split.test or split.val
-            self._test_skipped = split.skipped
+            self.test_skipped = split.skipped
         else:
             raise DataError("nothing to test on: give data.test_root (a labelled folder) or data.root")
         index = {c: i for i, c in enumerate(names)}
         return [(p, index[c]) for p, c in pairs]
 
-    def _write_run_files(self, split: Split) -> None:
-        trainer = self.trainer
-        if trainer is None or not trainer.is_global_zero:
-            return
-        folder = run_dir(trainer)
-        with open(folder / "class_indices.json", "w", encoding="utf-8") as f:
-            json.dump({str(i): c for i, c in enumerate(split.class_names)}, f, indent=2, ensure_ascii=False)
-        with open(folder / "split.csv", "w", newline="", encoding="utf-8") as f:
-            writer = csv.writer(f)
-            writer.writerow(["path", "class", "subset"])
-            for subset, pairs in (("train", split.train), ("val", split.val), ("test", split.test)):
-                writer.writerows((str(p), c, subset) for p, c in pairs)
-        self._write_skipped(split.skipped)
-
-    def _write_skipped(self, skipped: list[tuple[Path, str]]) -> None:
-        trainer = self.trainer
-        if skipped and trainer is not None and trainer.is_global_zero:
-            write_file_list(run_dir(trainer) / "skipped_files.csv", skipped)
-
     def _loader(self, dataset: Dataset, shuffle: bool = False, drop_last: bool = False) -> DataLoader:
         sampler = None
         if not shuffle and torch.distributed.is_available() and torch.distributed.is_initialized():
-            # Evaluation counts every image exactly once: the default DistributedSampler would pad
-            # the last batches with repeated images to give every process the same number.
-            sampler = UnrepeatedDistributedSampler(dataset, shuffle=False)
+            sampler = EvalSampler(dataset)  # every image once, the same number of batches on every process
         return DataLoader(
             dataset,
             batch_size=self.hparams.batch_size,
@@ -283,8 +271,11 @@ class ImageFolderDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        drop_last = len(self.train_set) > self.hparams.batch_size
-        return self._loader(self.train_set, shuffle=True, drop_last=drop_last)
+        # Under several processes each one trains on its share of the images: drop the last, partial batch
+        # only when every process still has a full one (comparing the whole set would leave none).
+        processes = self.trainer.world_size if self.trainer is not None else 1
+        share = math.ceil(len(self.train_set) / processes)
+        return self._loader(self.train_set, shuffle=True, drop_last=share > self.hparams.batch_size)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set)
@@ -293,4 +284,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         return self._loader(self.test_set)
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader(self.predict_set)
+        hp = self.hparams
+        dataset = ImageListDataset([(p, UNLABELLED) for p in self.predict_pending], self.eval_transform(),
+                                   evaluation=True, blank_size=hp.image_size)
+        return self._loader(dataset)

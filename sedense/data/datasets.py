@@ -1,32 +1,37 @@
-"""The dataset of ``(image, target)`` pairs that every stage loads from."""
+"""The datasets every stage loads from, and the sampler that shares evaluation between processes."""
 
 from __future__ import annotations
 
+import math
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, DistributedSampler
 
 from sedense.data.images import load_image
 from sedense.errors import DataError
 
-UNREADABLE = -2  # the target of an image that failed to load, in ``on_error="mark"`` mode
+# Targets below zero are never scored: an unlabelled image (prediction), one that cannot be decoded, and the
+# padding that gives every process the same number of evaluation batches.
+UNLABELLED, UNREADABLE, PADDING = -1, -2, -3
 
 
 class ImageListDataset(Dataset):
-    """``(image, target)`` pairs from a list of ``(path, class index)``; ``target`` is -1 when unlabelled.
+    """Images from a list of ``(path, class index)``; the class index is ``UNLABELLED`` for prediction.
 
     ``prepare`` is a deterministic first step (e.g. resize); with ``cache`` its result is kept in
     memory, so every image is decoded and prepared once per process instead of once per epoch.
 
-    A file that fails to load (changed since the scan, or truncated past its header) never stops
-    an epoch: with ``on_error="substitute"`` the next image takes its place, with a warning naming
-    the file; with ``"mark"`` the sample comes back as a blank image with target ``UNREADABLE``
-    and its reason in ``errors`` (for prediction, which lists it instead).
+    Training (``evaluation=False``) yields ``(image, target)``, and a file that fails to load (changed
+    since the scan, or truncated past its header) never stops an epoch: the next image takes its place,
+    with a warning naming the file. Evaluation and prediction (``evaluation=True``) yield ``(image, target,
+    index)`` and never substitute, since that would count one image twice: a file that fails comes back as
+    a blank image with target ``UNREADABLE``, for the caller to leave out and list. Index ``-1`` (see
+    :class:`EvalSampler`) is padding: a blank image with target ``PADDING``.
     """
 
     def __init__(
@@ -34,18 +39,22 @@ class ImageListDataset(Dataset):
         samples: Sequence[tuple[Path, int]],
         transform: Callable | None = None,
         prepare: Callable | None = None,
-        on_error: str = "substitute",
+        evaluation: bool = False,
         blank_size: int = 1,
     ) -> None:
         self.samples = list(samples)
         self.transform = transform
         self.prepare = prepare
-        self.on_error = on_error
+        self.evaluation = evaluation
         self.blank_size = blank_size
         self.cache: list[Image.Image] | None = None
 
     def __len__(self) -> int:
         return len(self.samples)
+
+    def path(self, index: int) -> Path:
+        """The file of sample ``index``."""
+        return self.samples[index][0]
 
     def _decode(self, index: int) -> Image.Image:
         img = load_image(self.samples[index][0])
@@ -72,18 +81,57 @@ class ImageListDataset(Dataset):
             img = self.transform(img)
         return img, self.samples[index][1]
 
+    def _blank(self) -> torch.Tensor:
+        return torch.zeros(3, self.blank_size, self.blank_size)
+
     def __getitem__(self, index: int):
+        if self.evaluation:
+            if index < 0:
+                return self._blank(), PADDING, -1
+            try:
+                return (*self._item(index), index)
+            except Exception:  # noqa: BLE001 - any decoder failure is a bad file, not a bad run
+                return self._blank(), UNREADABLE, index
         for attempt in range(min(len(self), 10)):
             i = (index + attempt) % len(self)
             try:
                 return self._item(i)
-            except Exception as err:  # noqa: BLE001 - any decoder failure is a bad file, not a bad run
-                reason = f"{type(err).__name__}: {err}"
-                if self.on_error == "mark":
-                    return torch.zeros(3, self.blank_size, self.blank_size), UNREADABLE
+            except Exception as err:  # noqa: BLE001
                 warnings.warn(
-                    f"{self.samples[i][0]}: cannot be read ({reason}); another image takes its place "
-                    "(data.verify: full finds such files before training)",
+                    f"{self.samples[i][0]}: cannot be read ({type(err).__name__}: {err}); another image takes its "
+                    "place (data.verify: full finds such files before training)",
                     stacklevel=2,
                 )
         raise DataError(f"{self.samples[index][0]} and the next images cannot be read; check the data folder")
+
+
+def unreadable_reason(path: Path) -> str:
+    """Why ``path`` cannot be decoded now (for the list of skipped files)."""
+    try:
+        load_image(path).load()
+    except Exception as err:  # noqa: BLE001
+        return f"cannot be decoded ({type(err).__name__}: {err})"
+    return "could not be decoded when it was used"
+
+
+class EvalSampler(DistributedSampler):
+    """Every sample exactly once across processes, with every process given the same number of batches.
+
+    Process ``r`` takes samples ``r, r + n, r + 2n, …``; the shorter shares are padded with index ``-1``,
+    which an evaluation dataset turns into a ``PADDING`` sample that is never scored. The default
+    ``DistributedSampler`` pads with repeated images instead (counting them twice), and an unpadded one
+    leaves a process with fewer batches, or none when there are fewer images than processes: that
+    process then skips the epoch's end and the others wait for it forever.
+    """
+
+    def __init__(self, dataset: Dataset, num_replicas: int | None = None, rank: int | None = None) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=False)
+        self.num_samples = max(1, math.ceil(len(dataset) / self.num_replicas))
+        self.total_size = self.num_samples * self.num_replicas
+
+    def __iter__(self) -> Iterator[int]:
+        own = list(range(self.rank, len(self.dataset), self.num_replicas))
+        return iter(own + [-1] * (self.num_samples - len(own)))
+
+    def __len__(self) -> int:
+        return self.num_samples

@@ -83,14 +83,19 @@ def match_classes(found: dict[str, list[Path]], class_names: Sequence[str], fold
     return sorted((p, c) for c, files in found.items() for p in files)
 
 
-@functools.lru_cache(maxsize=8)
 def scan_dataset(root: Path, val_split: float, seed: int, verify: str = "header") -> Split:
-    """Find the classes and files under ``root`` and split them; cached, so a process scans once.
+    """Find the classes and files under ``root`` and split them; cached, so a process scans a folder once.
 
     ``root`` holding ``train/`` and ``val/`` (and optionally ``test/``) is used as given;
     otherwise every sub-folder is a class, split by :func:`stratified_split`. Every file is
     checked with :func:`check_image` (``verify``); the unusable ones are listed in ``skipped``.
+    Paths are given as ``root`` is (relative stays relative); the cache knows which folder it was.
     """
+    return _scan_dataset(Path(root), Path(root).resolve(), val_split, seed, verify)
+
+
+@functools.lru_cache(maxsize=8)
+def _scan_dataset(root: Path, where: Path, val_split: float, seed: int, verify: str) -> Split:
     skipped: list[tuple[Path, str]] = []
     if not root.is_dir():
         raise DataError(f"data.root: folder {root} does not exist")
@@ -115,3 +120,6 @@ def scan_dataset(root: Path, val_split: float, seed: int, verify: str = "header"
     classes = scan_class_folders(root, verify=verify, skipped=skipped)
     train, val = stratified_split(classes, val_split, seed)
     return Split(sorted(classes), train, val, [], skipped)
+
+
+scan_dataset.cache_clear = _scan_dataset.cache_clear  # type: ignore[attr-defined]

@@ -84,12 +84,15 @@ def resolve_inputs(spec: str) -> tuple[list[Path], list[tuple[Path, str]]]:
     if path.is_dir():
         return list_images(path), []
     if path.suffix.lower() in (".txt", ".lst"):
-        files, missing = [], []
+        files, missing, seen = [], [], set()
         for line in path.read_text(encoding="utf-8").splitlines():
             line = line.strip()
             if not line or line.startswith("#"):
                 continue
             item = Path(line) if Path(line).is_absolute() else path.parent / line
+            if os.path.abspath(item) in seen:  # listed twice: predicted once
+                continue
+            seen.add(os.path.abspath(item))
             (files if item.is_file() else missing).append(item)
         return files, [(p, "no such file") for p in missing]
     if path.is_file():

@@ -9,6 +9,7 @@ every layer they share is loaded, only the SE blocks and the head start fresh.
 from __future__ import annotations
 
 import os
+import pickle
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -69,22 +70,36 @@ def load_official_state_dict(arch: str) -> dict[str, torch.Tensor]:
     try:
         return torch.hub.load_state_dict_from_url(weights.url, progress=True, check_hash=True, weights_only=True)
     except Exception as err:  # noqa: BLE001 - URLError, timeouts, SSL, hash mismatch: one message for all
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        reason = first_line(err)
         raise WeightsNotFoundError(
             f"pretrained weights for {arch} are not in the cache and could not be downloaded ({reason}); "
             f"on a machine with internet, download {weights.url} and copy it to {path}"
         ) from None
 
 
-def safe_load(path: str | Path, option: str, mmap: bool = False):
-    """``torch.load`` without unpickling arbitrary objects; failures become one line naming ``option``."""
+def safe_load(path: str | Path, option: str, mmap: bool = False, trusted: bool = False):
+    """``torch.load`` without unpickling arbitrary objects (unless ``trusted``); failures become one line naming ``option``."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        return torch.load(path, map_location="cpu", weights_only=not trusted, mmap=mmap)
     except FileNotFoundError:
         raise ConfigError(f"{option}: {path} does not exist") from None
-    except Exception as err:  # noqa: BLE001 - corrupt file, pickle with objects, not a torch file
-        first_line = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise ConfigError(f"{option}: cannot read {path} as a weights or checkpoint file ({first_line})") from None
+    except pickle.UnpicklingError as err:
+        if "Weights only load failed" not in str(err):
+            raise ConfigError(f"{option}: cannot read {path} as a weights or checkpoint file ({first_line(err)})") from None
+        found = re.search(r"GLOBAL ([\w.]+)", str(err))
+        raise ConfigError(
+            f"{option}: {path} holds pickled Python objects{f' ({found.group(1)})' if found else ''}, and sedense loads "
+            "only plain tensors and numbers unless told to trust a file, since unpickling can run any code; "
+            "if you made this checkpoint yourself, add --weights_only false"
+        ) from None
+    except Exception as err:  # noqa: BLE001 - corrupt file, not a torch file
+        raise ConfigError(f"{option}: cannot read {path} as a weights or checkpoint file ({first_line(err)})") from None
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an error's message, without terminal colour codes."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err)).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def load_weights_file(path: str | Path) -> tuple[dict[str, torch.Tensor], list[str] | None]:

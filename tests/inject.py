@@ -1,0 +1,34 @@
+"""Faults a test injects into a real `sedense` run through --trainer.callbacks (the tests folder is on PYTHONPATH)."""
+
+from __future__ import annotations
+
+import lightning as L
+
+
+class InterruptAfter(L.Callback):
+    """Acts like Ctrl-C once ``batches`` prediction or training batches are done (every callback has seen them)."""
+
+    def __init__(self, batches: int = 1) -> None:
+        self.batches, self.seen = batches, 0
+
+    def _count(self) -> None:
+        if self.seen >= self.batches:
+            raise KeyboardInterrupt
+        self.seen += 1
+
+    def on_predict_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        self._count()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._count()
+
+
+class NanOnRank(L.Callback):
+    """Puts a NaN into one process's training batch at ``step``: only that process sees a non-finite loss."""
+
+    def __init__(self, rank: int = 1, step: int = 1) -> None:
+        self.rank, self.step = rank, step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_rank == self.rank and trainer.global_step == self.step:
+            batch[0][0].fill_(float("nan"))
