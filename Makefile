@@ -22,6 +22,7 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 install: $(VENV)/.installed
 
 test: install
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
 $(DIGITS):

@@ -17,9 +17,10 @@ from pathlib import Path
 
 import torch
 
-from common import dataset_root, device_info, emit, median_time
+from common import dataset_root, device_info, emit, median_time, train_step
 from sedense.data import ImageFolderDataModule, default_num_workers
 from sedense.models import build_model
+from sedense.preprocessing import Preprocessing
 
 
 def loader_rate(data: ImageFolderDataModule, batches: int) -> float:
@@ -46,8 +47,8 @@ def main() -> None:
     root, described = dataset_root(args.data, tmp, args.quick)
     size, batch, batches = (112, 16, 4) if args.quick else (112, 32, 40)
     workers = default_num_workers() if args.num_workers is None else args.num_workers
-    common = dict(root=str(root), image_size=size, batch_size=batch, num_workers=workers, crop_scale=(0.35, 1.0),
-                  vflip=0.5, rotation=15, color_jitter=0.2)
+    common = dict(root=str(root), preprocessing=Preprocessing(size), batch_size=batch, num_workers=workers,
+                  crop_scale=(0.35, 1.0), vflip=0.5, rotation=15, color_jitter=0.2)
     rates = {}
     for cache in (False, True):
         data = ImageFolderDataModule(**common, cache=cache)
@@ -61,13 +62,7 @@ def main() -> None:
     x = torch.randn(batch, 3, size, size).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 6, (batch,))
 
-    def step():
-        loss = torch.nn.functional.cross_entropy(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    model_ips = batch / median_time(step, repeats=2 if args.quick else 5)
+    model_ips = batch / median_time(lambda: train_step(model, opt, x, y), repeats=2 if args.quick else 5)
     emit({
         "benchmark": "data",
         "quick": args.quick,

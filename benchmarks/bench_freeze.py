@@ -15,6 +15,7 @@ import time
 
 import torch
 
+from common import train_step
 from sedense.callbacks.finetuning import FreezeBackbone
 from sedense.module import ImageClassifier
 
@@ -22,8 +23,8 @@ from sedense.module import ImageClassifier
 def make(arch: str, freeze: bool, classes: int):
     """The model, its optimiser, and the freezing callback (``None`` when not frozen)."""
     torch.manual_seed(0)
-    model = ImageClassifier(class_names=[str(i) for i in range(classes)], arch=arch, freeze=freeze)
-    freezer = FreezeBackbone() if freeze else None
+    model = ImageClassifier(class_names=[str(i) for i in range(classes)], arch=arch)
+    freezer = FreezeBackbone(freeze=True) if freeze else None
     if freezer is not None:
         freezer.freeze_before_training(model)
     model.train()
@@ -35,10 +36,7 @@ def step(model, opt, freezer, x: torch.Tensor, y: torch.Tensor) -> float:
     start = time.perf_counter()
     if freezer is not None:
         freezer.on_train_batch_start(None, model, None, 0)
-    loss = torch.nn.functional.cross_entropy(model(x), y)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
+    train_step(model, opt, x, y)
     return time.perf_counter() - start
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from common import dataset_root, device_info, emit
+from common import dataset_root, device_info, emit, train_step
 from sedense.cli import cli_main
 
 
@@ -44,11 +44,7 @@ def bare_loop(model: torch.nn.Module, loader, warmup: int, steps: int, lr: float
     model.train()
     start = None
     for i, (x, y) in enumerate(loader):
-        x = x.contiguous(memory_format=torch.channels_last)
-        loss = torch.nn.functional.cross_entropy(model(x), y, label_smoothing=smoothing)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        train_step(model, opt, x.contiguous(memory_format=torch.channels_last), y, label_smoothing=smoothing)
         if i == warmup - 1:
             start = time.perf_counter()
         elif i == warmup + steps - 1:
@@ -72,7 +68,8 @@ def main() -> None:
         "--trainer.enable_progress_bar", "false", "--trainer.max_time", "null",
     ]
     if args.quick:
-        options += ["--model.block_config", "[4, 4, 4]", "--data.image_size", "64", "--data.batch_size", "8"]
+        options += ["--model.block_config", "[4, 4, 4]", "--data.preprocessing.image_size", "64",
+                    "--data.batch_size", "8"]
     sys.argv = sys.argv[:1]  # LightningCLI gets its arguments from `options` only
     cli = cli_main(options, run=False)
     batch = cli.datamodule.hparams.batch_size
@@ -97,7 +94,7 @@ def main() -> None:
         "data": described,
         **device_info(),
         "batch": batch,
-        "image_size": cli.datamodule.hparams.image_size,
+        "image_size": cli.datamodule.preprocessing.image_size,
         "timed_steps": steps,
         "bare_img_s": round(bare_ips, 2),
         "sedense_fit_img_s": round(ours_ips, 2),

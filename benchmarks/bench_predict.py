@@ -26,15 +26,16 @@ import torch
 
 from common import dataset_root, device_info, emit
 from sedense.callbacks import PredictionWriter
-from sedense.runs import resolve_ckpt_path
-from sedense.data import ImageFolderDataModule, build_transforms, list_images, load_image
-from sedense.export import OnnxNet, export
+from sedense.data import ImageFolderDataModule, list_images, load_image
+from sedense.export import export, use_onnx
 from sedense.module import ImageClassifier
+from sedense.preprocessing import Preprocessing
+from sedense.runs import resolve_ckpt_path
 from sedense.serve import wait_until_healthy
 
 
-def one_at_a_time(model: ImageClassifier, pre: dict, files: list[Path]) -> float:
-    transform = build_transforms(False, pre["image_size"], pre["mean"], pre["std"], eval_crop=pre["eval_crop"])
+def one_at_a_time(model: ImageClassifier, pre: Preprocessing, files: list[Path]) -> float:
+    transform = pre.eval_transform()
     start = time.perf_counter()
     with torch.inference_mode():
         for path in files:
@@ -42,8 +43,8 @@ def one_at_a_time(model: ImageClassifier, pre: dict, files: list[Path]) -> float
     return len(files) / (time.perf_counter() - start)
 
 
-def batched(model: ImageClassifier, pre: dict, folder: Path, out: Path) -> float:
-    data = ImageFolderDataModule(predict_root=str(folder), batch_size=32, **pre)
+def batched(model: ImageClassifier, pre: Preprocessing, folder: Path, out: Path) -> float:
+    data = ImageFolderDataModule(predict_root=str(folder), preprocessing=pre, batch_size=32)
     trainer = L.Trainer(accelerator="auto", devices=1, logger=False, default_root_dir=str(out),
                         callbacks=[PredictionWriter()], enable_progress_bar=False, enable_model_summary=False)
     start = time.perf_counter()
@@ -90,7 +91,7 @@ def service(ckpt: Path, files: list[Path], clients: int, cwd: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ckpt_path", default="best", help="a sedense checkpoint, `best` or `last`")
-    parser.add_argument("--data", default=None, help="images to classify (default: TrashNet if present, else synthetic)")
+    parser.add_argument("--data", default=None, help="images to classify (TrashNet if present, else synthetic)")
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
     ckpt = resolve_ckpt_path(args.ckpt_path).resolve()
@@ -107,13 +108,12 @@ def main() -> None:
     model, pre = ImageClassifier.for_inference(ckpt)
     quiet = contextlib.redirect_stdout(sys.stderr)  # stdout carries the JSON alone
     result = {"benchmark": "predict", "quick": args.quick, "data": described, **device_info(),
-              "checkpoint": str(ckpt), "images": len(files), "image_size": pre["image_size"]}
+              "checkpoint": str(ckpt), "images": len(files), "image_size": pre.image_size}
     result["one_at_a_time_img_s"] = round(one_at_a_time(model, pre, files), 1)
     with quiet:
         result["sedense_predict_img_s"] = round(batched(model, pre, folder, tmp / "torch"), 1)
         onnx_path, _ = export(ckpt, "onnx", tmp / "export", folder)
-        model.net = OnnxNet(onnx_path)
-        model.hparams.channels_last = False
+        use_onnx(model, onnx_path)
         result["onnx_runtime_img_s"] = round(batched(model, pre, folder, tmp / "onnx"), 1)
     result["service"] = service(ckpt, files, 4 if args.quick else 8, tmp)
     result["batched_speedup"] = round(result["sedense_predict_img_s"] / result["one_at_a_time_img_s"], 2)

@@ -1,6 +1,7 @@
 """The cost of SE blocks: parameters, training-step time and inference latency, SE on (r=16) against off.
 
-Both models are built with the same seed and timed interleaved, repeat by repeat, in one process. Prints one JSON object.
+Both models are built with the same seed and timed interleaved, repeat by repeat, in one process.
+Prints one JSON object.
 
     python benchmarks/bench_se.py            # the TrashNet recipe's SE-DenseNet (k=16) at 112 px
     python benchmarks/bench_se.py --quick    # 64 px, fewer repeats (under a minute)
@@ -13,7 +14,7 @@ import statistics
 
 import torch
 
-from common import device_info, emit, median_time
+from common import device_info, emit, median_time, train_step
 from sedense.models import build_model
 
 
@@ -37,17 +38,15 @@ def main() -> None:
 
         def step(model=model, opt=opt):
             model.train()
-            loss = torch.nn.functional.cross_entropy(model(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            train_step(model, opt, x, y)
 
         def infer(inputs, model=model):
             model.eval()
             with torch.inference_mode():
                 model(inputs)
 
-        tasks[name] = {"train_step_s": step, "infer_batch_s": lambda i=infer: i(x), "infer_one_ms": lambda i=infer: i(one)}
+        tasks[name] = {"train_step_s": step, "infer_batch_s": lambda i=infer: i(x),
+                       "infer_one_ms": lambda i=infer: i(one)}
     # Interleaved: every repeat times SE and plain back to back, so both see the same machine load.
     times = {name: {k: [] for k in fns} for name, fns in tasks.items()}
     for fns in tasks.values():

@@ -64,11 +64,11 @@ def median_time(fn, repeats: int, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
-def train_step(model, opt, x, y, bf16: bool = False) -> None:
+def train_step(model, opt, x, y, bf16: bool = False, label_smoothing: float = 0.0) -> None:
     """One optimisation step on ``(x, y)``; waits for the GPU, so that it can be timed."""
     device = x.device.type
     with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
-        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss = torch.nn.functional.cross_entropy(model(x), y, label_smoothing=label_smoothing)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()

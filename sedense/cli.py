@@ -20,21 +20,19 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_only
 
-from sedense.callbacks import PredictionWriter, ReportWriter
+from sedense.callbacks import FreezeBackbone, PredictionWriter, ReportWriter
 from sedense.callbacks.prediction import STATE_FILE
 from sedense.callbacks.runfiles import RunFiles
 from sedense.data.datamodule import ImageFolderDataModule
 from sedense.data.folders import scan_dataset
 from sedense.errors import STORAGE_ERRNOS, ConfigError, SedenseError, StorageError
-from sedense.export import OnnxNet, export_command, load_exported
+from sedense.export import export_command, load_exported, use_onnx
 from sedense.models.pretrained import official_weights, safe_load
 from sedense.module import ImageClassifier
+from sedense.preprocessing import Preprocessing
 from sedense.runs import AtomicCheckpointIO, is_remote, join, resolve_ckpt_path, run_dir, run_version, runs_under, say
 from sedense.serve import serve_command
 
-# How a model sees its images is part of the model: these data options are taken from the
-# checkpoint whenever one is given to validate, test or predict.
-PREPROCESSING_KEYS = ("image_size", "eval_crop", "mean", "std")
 # Model options that change how a trained model evaluates, not what it is: a value given on the command line
 # wins over the checkpoint's.
 EVALUATION_OPTIONS = ("tta", "channels_last")
@@ -70,12 +68,13 @@ class RunGuard(L.Callback):
                 return
         if trainer.state.fn == "fit":
             last = join(run_dir(trainer), "checkpoints", "last.ckpt")
-            self.note = (f"the last good checkpoint is {last}; resume with --ckpt_path last"
-                         if get_filesystem(str(last)).isfile(str(last)) else "no epoch finished, so no checkpoint was saved")
+            saved = get_filesystem(str(last)).isfile(str(last))
+            self.note = (f"the last good checkpoint is {last}; resume with --ckpt_path last" if saved
+                         else "no epoch finished, so no checkpoint was saved")
 
 
 def default_root_dir(cfg) -> str:
-    """The Trainer's root folder for this configuration, spelt as the Trainer spells it (checkpoint records compare it)."""
+    """The Trainer's root folder, spelt as the Trainer spells it (checkpoint records compare the spelling)."""
     root = cfg.trainer.get("default_root_dir") or os.getcwd()
     return root if is_remote(root) else os.path.normpath(os.path.expanduser(root))
 
@@ -121,6 +120,7 @@ class SedenseCLI(LightningCLI):
         )
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
         parser.set_defaults({"lr_monitor.logging_interval": "epoch"})
+        parser.add_lightning_class_args(FreezeBackbone, "finetuning")
         parser.add_lightning_class_args(PredictionWriter, "predict_writer")
         parser.add_lightning_class_args(ReportWriter, "reports")
 
@@ -147,17 +147,14 @@ class SedenseCLI(LightningCLI):
             # written beside it; there is no Lightning checkpoint to restore.
             self.onnx_path, self.ckpt = ckpt, None
             cfg.model.class_names, preprocessing = load_exported(ckpt)
-            for key in PREPROCESSING_KEYS:
-                cfg.data[key] = preprocessing[key]
+            cfg.data.preprocessing = Namespace(**preprocessing.to_dict())
             return
         self.checkpoint = read_checkpoint(ckpt, trusted=cfg.get("weights_only") is False)
         self._apply_model_hparams(parser, sub)
         cfg = self.config[sub]  # a new namespace: parse_object returned one
-        if sub != "fit":
-            data_hparams = self.checkpoint.get("datamodule_hyper_parameters") or {}
-            for key in PREPROCESSING_KEYS:
-                if key in data_hparams:
-                    cfg.data[key] = data_hparams[key]
+        if sub != "fit" and self.checkpoint.get("datamodule_hyper_parameters"):
+            # How a model sees its images is part of the model: validate, test and predict use the checkpoint's.
+            cfg.data.preprocessing = Namespace(**Preprocessing.from_checkpoint(self.checkpoint).to_dict())
 
     def _apply_model_hparams(self, parser: LightningArgumentParser, sub: str) -> None:
         """The checkpoint's model options replace the configured ones, but for evaluation options given by the user."""
@@ -180,9 +177,9 @@ class SedenseCLI(LightningCLI):
             cfg.model.class_names = scan_dataset(Path(data.root), data.val_split, data.seed, data.verify).class_names
         if not from_checkpoint and cfg.model.get("pretrained"):
             # Pretrained weights come with their own preprocessing (normalisation, crop ratio).
-            preprocess = official_weights(cfg.model.arch).transforms()
-            cfg.data.mean, cfg.data.std = tuple(preprocess.mean), tuple(preprocess.std)
-            cfg.data.eval_crop = preprocess.crop_size[0] / preprocess.resize_size[0]
+            size = Preprocessing.from_dict(cfg.data.preprocessing).image_size
+            pre = Preprocessing.from_weights(official_weights(cfg.model.arch), size)
+            cfg.data.preprocessing = Namespace(**pre.to_dict())
         self.resume_message = None
         if self.subcommand == "fit" and self.ckpt:
             found = run_version(self.ckpt)
@@ -195,7 +192,7 @@ class SedenseCLI(LightningCLI):
                 self._continue_run(cfg, *found, None)
 
     def _continue_run(self, cfg, logs, version: int, message: str | None) -> None:
-        """Write this run into ``logs/version_<version>`` (an earlier run it continues), through the logger's arguments."""
+        """Write this run into ``logs/version_<version>`` (the run it continues), through the logger's arguments."""
         root = default_root_dir(cfg)
         if not same_location(join(root, "lightning_logs"), logs):
             return  # a run of another root folder: this one starts a new run of its own, as usual
@@ -220,9 +217,9 @@ class SedenseCLI(LightningCLI):
             "model_size": stat.st_size if stat else None,
             "model_mtime_ns": stat.st_mtime_ns if stat else None,
             "inputs": str(Path(spec).resolve()) if local else spec,
-            "preprocessing": {k: cfg.data.get(k) for k in PREPROCESSING_KEYS},
+            "preprocessing": Preprocessing.from_dict(cfg.data.preprocessing).to_dict(),
             "tta": cfg.model.get("tta"),
-            "writer": {k: v for k, v in dict(cfg.predict_writer).items()},
+            "writer": dict(cfg.predict_writer),
         }, default=str))
 
     @staticmethod
@@ -256,7 +253,7 @@ class SedenseCLI(LightningCLI):
 
     def before_predict(self) -> None:
         if self.onnx_path:
-            self.model.net = OnnxNet(self.onnx_path)
+            use_onnx(self.model, self.onnx_path)
 
     def before_fit(self) -> None:
         if self.resume_message:

@@ -14,46 +14,33 @@ import torch
 from torch import nn
 
 from sedense.data.images import filter_images, list_images, load_image
-from sedense.data.transforms import build_transforms
 from sedense.errors import ConfigError, SedenseError, StorageError
 from sedense.models.pretrained import safe_load
 from sedense.module import ImageClassifier
+from sedense.preprocessing import Preprocessing
 from sedense.runs import TMP_SUFFIX, write_file
 
 FORMATS = {"onnx": "model.onnx", "torchscript": "model.pt"}
 PARITY_TOLERANCE = 1e-4
 
 
-def eval_batch(preprocessing: dict, images: Path | None, n: int = 8) -> tuple[torch.Tensor, str]:
+def eval_batch(pre: Preprocessing, images: Path | None, n: int = 8) -> tuple[torch.Tensor, str]:
     """Up to ``n`` real images as the model sees them, or a random batch when none can be found."""
-    transform = build_transforms(False, preprocessing["image_size"], preprocessing["mean"], preprocessing["std"],
-                                 eval_crop=preprocessing["eval_crop"])
+    transform = pre.eval_transform()
     files: list[Path] = []
     if images is not None and images.exists():
         files = [images] if images.is_file() else filter_images(list_images(images)[: 4 * n])[0]
     if files:
         return torch.stack([transform(load_image(p)) for p in files[:n]]), f"{min(len(files), n)} images from {images}"
-    size = preprocessing["image_size"]
+    size = pre.image_size
     return torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0)), "a random batch (no images found)"
 
 
-def sidecar_files(out_dir: Path, class_names: list[str], preprocessing: dict, model_file: str) -> None:
+def sidecar_files(out_dir: Path, class_names: list[str], pre: Preprocessing, model_file: str) -> None:
     """``class_indices.json`` and ``preprocessing.json``: what a program needs to use the exported file."""
     write_file(out_dir / "class_indices.json",
                json.dumps({str(i): c for i, c in enumerate(class_names)}, indent=2, ensure_ascii=False))
-    size, crop = preprocessing["image_size"], preprocessing["eval_crop"]
-    spec = {
-        "model": model_file,
-        "input": {"name": "images", "shape": ["batch", 3, size, size], "dtype": "float32", "channels": "RGB"},
-        "output": {"name": "logits", "shape": ["batch", len(class_names)], "note": "softmax gives probabilities"},
-        "resize_shorter_side": int(round(size / crop)),
-        "center_crop": size,
-        "scale": "pixel / 255",
-        "mean": preprocessing["mean"],
-        "std": preprocessing["std"],
-        **preprocessing,
-    }
-    write_file(out_dir / "preprocessing.json", json.dumps(spec, indent=2))
+    write_file(out_dir / "preprocessing.json", json.dumps(pre.sidecar(len(class_names), model_file), indent=2))
 
 
 def export_onnx(net: nn.Module, example: torch.Tensor, path: Path) -> None:
@@ -94,18 +81,23 @@ class OnnxNet(nn.Module):
         return torch.from_numpy(out).to(x.device)
 
 
-def load_exported(path: str | Path) -> tuple[list[str], dict]:
+def use_onnx(model, path: str | Path):
+    """``model`` (an ``ImageClassifier``) classifying through an exported ONNX file with ONNX Runtime."""
+    model.net = OnnxNet(path)
+    return model
+
+
+def load_exported(path: str | Path) -> tuple[list[str], Preprocessing]:
     """The classes and preprocessing written beside an exported model."""
     folder = Path(path).parent
     try:
         classes = json.loads((folder / "class_indices.json").read_text(encoding="utf-8"))
-        spec = json.loads((folder / "preprocessing.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
+        pre = Preprocessing.from_sidecar(folder / "preprocessing.json")
+    except (OSError, ValueError, ConfigError) as err:
         raise ConfigError(
             f"--ckpt_path {path}: class_indices.json and preprocessing.json must lie beside the exported model ({err})"
         ) from None
-    names = [classes[str(i)] for i in range(len(classes))]
-    return names, {k: spec[k] for k in ("image_size", "eval_crop", "mean", "std")}
+    return [classes[str(i)] for i in range(len(classes))], pre
 
 
 def export(ckpt_path: Path, fmt: str, out_dir: Path | None = None, images: Path | None = None,

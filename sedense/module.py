@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 import warnings
 from pathlib import Path
 from typing import Literal
@@ -10,18 +11,18 @@ from typing import Literal
 import lightning as L
 import torch
 import torch.nn.functional as F
-from torch import Tensor
-from lightning.pytorch.callbacks import EMAWeightAveraging
+from lightning.pytorch.callbacks import Timer, WeightAveraging
 from lightning.pytorch.utilities import rank_zero_info
-from torchvision.transforms import v2 as T
+from torch import Tensor
 from torchmetrics.classification import MulticlassAccuracy
+from torchvision.transforms import v2 as T
 
-from sedense.callbacks.finetuning import FreezeBackbone
 from sedense.data.datasets import UNREADABLE
 from sedense.errors import ConfigError, TrainingError
 from sedense.models import build_model
-from sedense.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from sedense.models.pretrained import load_backbone, load_official_state_dict, load_weights_file, safe_load
+from sedense.preprocessing import Preprocessing
+from sedense.schedule import TimePlan, WarmupCosine, ema_update, epoch_progress
 
 
 class ImageClassifier(L.LightningModule):
@@ -36,11 +37,8 @@ class ImageClassifier(L.LightningModule):
             DenseNet of that depth; for SE-DenseNets every shared layer is loaded, SE blocks and
             the head start fresh. Looked up in ``$TORCH_HOME/hub/checkpoints`` first.
         weights: start from a local file instead: a torchvision state dict or a sedense checkpoint
-            (whose head is kept if it has the same classes).
-        freeze: train only the new head; the feature extractor keeps its weights and BatchNorm
-            statistics.
-        unfreeze_at_epoch: with ``freeze``, train the whole network from this epoch on.
-        backbone_lr_factor: the unfrozen feature extractor learns at ``lr * backbone_lr_factor``.
+            (whose head is kept if it has the same classes). Freezing the feature extractor is the
+            ``finetuning`` callback's job (``finetuning.freeze``).
         growth_rate: override the preset's growth rate ``k``.
         block_config: override the preset's number of layers per dense block.
         num_init_features: override the preset's stem width.
@@ -53,6 +51,9 @@ class ImageClassifier(L.LightningModule):
         optimizer: ``sgd`` (momentum, Nesterov), ``adam`` or ``adamw``.
         lr: the initial learning rate (after warm-up).
         lrf: the final learning rate is ``lr * lrf``, reached by cosine decay at the end of the run.
+        schedule: what the end of the run is: ``epochs`` (``trainer.max_epochs``) or ``time``
+            (``trainer.max_time``, a wall-clock budget: the epochs are planned after every epoch from their
+            measured times, so that the last one that fits ends at ``lr * lrf``; see ``sedense.schedule``).
         weight_decay: L2 penalty on weights (not on biases and norm parameters).
         momentum: SGD momentum.
         warmup_epochs: linear warm-up from ``lr / 100`` over this many epochs (fractions allowed).
@@ -64,6 +65,9 @@ class ImageClassifier(L.LightningModule):
             on, each batch gets one of the two at random.
         ema_decay: keep an exponential moving average of the weights with this decay per step
             (e.g. 0.999); validation, checkpoints and the final model use the average.
+        ema_warmup: let the average forget its start: the decay of the ``n``-th update is
+            ``min(ema_decay, (1 + n) / (10 + n))``, so the first averages are not dominated by the random
+            initial weights.
         channels_last: run convolutions in channels-last memory format (faster on recent CPUs
             and on GPUs with tensor cores).
         compile: compile the training forward pass with ``torch.compile`` (a slow first step, faster
@@ -79,9 +83,6 @@ class ImageClassifier(L.LightningModule):
         arch: str = "se_densenet_bc100",
         pretrained: bool = False,
         weights: str | None = None,
-        freeze: bool = False,
-        unfreeze_at_epoch: int | None = None,
-        backbone_lr_factor: float = 0.1,
         growth_rate: int | None = None,
         block_config: list[int] | None = None,
         num_init_features: int | None = None,
@@ -94,6 +95,7 @@ class ImageClassifier(L.LightningModule):
         optimizer: Literal["sgd", "adam", "adamw"] = "adamw",
         lr: float = 1e-3,
         lrf: float = 0.01,
+        schedule: Literal["epochs", "time"] = "epochs",
         weight_decay: float = 1e-4,
         momentum: float = 0.9,
         warmup_epochs: float = 0.0,
@@ -102,6 +104,7 @@ class ImageClassifier(L.LightningModule):
         mixup_alpha: float = 0.0,
         cutmix_alpha: float = 0.0,
         ema_decay: float | None = None,
+        ema_warmup: bool = False,
         channels_last: bool = False,
         compile: bool = False,
         tta: bool = False,
@@ -118,20 +121,25 @@ class ImageClassifier(L.LightningModule):
             raise ConfigError(f"model.lr must be > 0 and model.lrf in (0, 1], got lr={lr}, lrf={lrf}")
         if isinstance(class_weights, list) and len(class_weights) != len(class_names):
             raise ConfigError(
-                f"model.class_weights has {len(class_weights)} values for {len(class_names)} classes {list(class_names)}"
+                f"model.class_weights has {len(class_weights)} values for {len(class_names)} classes "
+                f"{list(class_names)}"
             )
         if mixup_alpha < 0 or cutmix_alpha < 0:
-            raise ConfigError(f"model.mixup_alpha and model.cutmix_alpha must be >= 0, got {mixup_alpha}, {cutmix_alpha}")
+            raise ConfigError(
+                f"model.mixup_alpha and model.cutmix_alpha must be >= 0, got {mixup_alpha}, {cutmix_alpha}"
+            )
         if ema_decay is not None and not 0 < ema_decay < 1:
             raise ConfigError(f"model.ema_decay must be in (0, 1), e.g. 0.999; got {ema_decay}")
         if pretrained and weights:
             raise ConfigError("give model.pretrained or model.weights, not both")
-        if unfreeze_at_epoch is not None and not freeze:
-            raise ConfigError("model.unfreeze_at_epoch needs model.freeze: true")
+        if schedule not in ("epochs", "time"):
+            raise ConfigError(f"model.schedule must be epochs or time, got {schedule!r}")
         self.save_hyperparameters()
         self.class_names = list(class_names)
-        self._weights_loaded = False
+        self.weights_loaded = False
         self._train_forward = None  # the compiled network's forward, for training steps only
+        self.plan: TimePlan | None = None  # with schedule "time": the epochs that fit in the budget
+        self._epoch_start: float | None = None
         try:
             self.net = build_model(
                 arch,
@@ -150,7 +158,8 @@ class ImageClassifier(L.LightningModule):
             raise ConfigError(f"model: {err}") from None
         # A plain attribute, not a buffer: weight averaging (EMA) pairs the buffers of two copies of
         # this module, and a buffer that appears in ``setup`` would shift that pairing.
-        self.class_weight = torch.tensor(class_weights, dtype=torch.float32) if isinstance(class_weights, list) else None
+        fixed = isinstance(class_weights, list)
+        self.class_weight = torch.tensor(class_weights, dtype=torch.float32) if fixed else None
         self.mix = batch_mixer(mixup_alpha, cutmix_alpha, len(class_names))
         if channels_last:
             self.net.to(memory_format=torch.channels_last)
@@ -161,7 +170,7 @@ class ImageClassifier(L.LightningModule):
         self.test_acc = MulticlassAccuracy(k, average="micro")
 
     @classmethod
-    def for_inference(cls, ckpt_path: str | Path, trusted: bool = False) -> tuple[ImageClassifier, dict]:
+    def for_inference(cls, ckpt_path: str | Path, trusted: bool = False) -> tuple[ImageClassifier, Preprocessing]:
         """A trained classifier in eval mode, and its preprocessing, from a sedense checkpoint alone.
 
         Loaded without unpickling objects unless ``trusted``; no dataset, pretrained file or network is needed.
@@ -169,19 +178,12 @@ class ImageClassifier(L.LightningModule):
         ckpt = safe_load(ckpt_path, "--ckpt_path", trusted=trusted)
         if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "hyper_parameters" not in ckpt:
             raise ConfigError(f"--ckpt_path: {ckpt_path} is not a sedense checkpoint (no state_dict/hyper_parameters)")
-        hparams = {k: v for k, v in ckpt["hyper_parameters"].items() if not k.startswith("_")}  # not LightningCLI's keys
+        hparams = {k: v for k, v in ckpt["hyper_parameters"].items() if not k.startswith("_")}  # not the CLI's keys
         hparams.update(pretrained=False, weights=None, compile=False, ema_decay=None)
         model = cls(**hparams)
         model.load_state_dict(ckpt["state_dict"])
-        model._weights_loaded = True
-        data = ckpt.get("datamodule_hyper_parameters") or {}
-        preprocessing = {
-            "image_size": int(data.get("image_size", 224)),
-            "eval_crop": float(data.get("eval_crop", 0.875)),
-            "mean": [float(v) for v in data.get("mean", IMAGENET_MEAN)],
-            "std": [float(v) for v in data.get("std", IMAGENET_STD)],
-        }
-        return model.eval(), preprocessing
+        model.weights_loaded = True
+        return model.eval(), Preprocessing.from_checkpoint(ckpt)
 
     @property
     def num_classes(self) -> int:
@@ -210,18 +212,16 @@ class ImageClassifier(L.LightningModule):
         rank_zero_info(f"Loaded {n} tensors from {source}" + ("" if load_head else "; the classifier starts fresh"))
 
     def configure_callbacks(self):
-        hp, callbacks = self.hparams, []
-        if hp.freeze:
-            callbacks.append(FreezeBackbone(hp.unfreeze_at_epoch, hp.backbone_lr_factor))
-        if hp.ema_decay and self.trainer.state.fn == "fit":
-            callbacks.append(EMAWeightAveraging(decay=hp.ema_decay))
-        return callbacks
+        hp = self.hparams
+        if not hp.ema_decay or self.trainer.state.fn != "fit":
+            return []
+        return [WeightAveraging(avg_fn=ema_update(hp.ema_decay, warmup=hp.ema_warmup), use_buffers=True)]
 
     def setup(self, stage: str) -> None:
         # Initial weights matter only when no checkpoint is restored over them.
-        if not self._weights_loaded and self.trainer.ckpt_path is None:
+        if not self.weights_loaded and self.trainer.ckpt_path is None:
             self.load_initial_weights()
-        self._weights_loaded = True
+        self.weights_loaded = True
         if self.hparams.compile and stage == "fit" and self._train_forward is None:
             # A compiled function, not a module: parameter names (and checkpoints) stay the same,
             # and the weight-averaging copy of this module shares it instead of copying it.
@@ -311,6 +311,7 @@ class ImageClassifier(L.LightningModule):
 
     def on_train_epoch_end(self) -> None:
         self._log_epoch_accuracy("train")
+        self._plan_epochs()
 
     def on_validation_epoch_end(self) -> None:
         self._log_epoch_accuracy("val")
@@ -333,14 +334,49 @@ class ImageClassifier(L.LightningModule):
             opt = torch.optim.AdamW(groups, lr=hp.lr)
         else:
             raise ConfigError(f"model.optimizer must be sgd, adam or adamw, got {hp.optimizer!r}")
-        total = self.trainer.estimated_stepping_batches
-        if not math.isfinite(total) or total <= 0:
-            return opt
-        total = int(total)
-        epochs = max(self.trainer.max_epochs or 1, 1)
-        warmup = min(int(round(hp.warmup_epochs * total / epochs)), total - 1) if hp.warmup_epochs > 0 else 0
-        scheduler = torch.optim.lr_scheduler.LambdaLR(opt, cosine_schedule(total, warmup, hp.lrf))
+        per_epoch = self.trainer.num_training_batches / max(self.trainer.accumulate_grad_batches, 1)
+        warmup = int(round(hp.warmup_epochs * per_epoch)) if math.isfinite(per_epoch) else 0
+        if hp.schedule == "time":
+            if self.trainer.max_time is None and not any(isinstance(c, Timer) for c in self.trainer.callbacks):
+                raise ConfigError("model.schedule: time needs a budget: set trainer.max_time, e.g. 00:00:58:00")
+            max_epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else None
+            if self.plan is None:  # a resumed run restored its plan in on_load_checkpoint
+                self.plan = TimePlan(max(int(per_epoch), 1), warmup, max_epochs)
+            progress = self.plan.progress
+        else:
+            total = self.trainer.estimated_stepping_batches
+            if not math.isfinite(total) or total <= 0:
+                return opt
+            progress = epoch_progress(int(total), min(warmup, int(total) - 1))
+        scheduler = WarmupCosine(opt, warmup, hp.lrf, progress)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ----------------------------------------------------------------------------- the time budget
+    def _timer(self) -> Timer | None:
+        return next((c for c in self.trainer.callbacks if isinstance(c, Timer)), None)
+
+    def on_train_epoch_start(self) -> None:
+        self._epoch_start = time.monotonic()
+
+    def _plan_epochs(self) -> None:
+        """With a time budget: plan the epochs that still fit, and stop after the last one (at the floor)."""
+        timer = self._timer()
+        if self.plan is None or timer is None or self._epoch_start is None:
+            return
+        done = self.current_epoch + 1
+        planned = self.plan.replan(done, self.global_step, time.monotonic() - self._epoch_start,
+                                   timer.time_remaining() or 0.0)
+        self.log("planned_epochs", float(planned), rank_zero_only=True)
+        if done >= planned:
+            self.trainer.should_stop = True
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self.plan is not None:
+            checkpoint["time_plan"] = self.plan.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if "time_plan" in checkpoint:
+            self.plan = TimePlan(**checkpoint["time_plan"])
 
 
 def batch_mixer(mixup_alpha: float, cutmix_alpha: float, num_classes: int):
@@ -353,15 +389,3 @@ def batch_mixer(mixup_alpha: float, cutmix_alpha: float, num_classes: int):
     if not mixers:
         return None
     return mixers[0] if len(mixers) == 1 else T.RandomChoice(mixers)
-
-
-def cosine_schedule(total_steps: int, warmup_steps: int, lrf: float):
-    """Learning-rate factor per step: linear warm-up from 0.01, then cosine decay from 1 to ``lrf``."""
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return 0.01 + 0.99 * step / warmup_steps
-        t = min((step - warmup_steps) / max(total_steps - warmup_steps, 1), 1.0)
-        return lrf + (1 - lrf) * 0.5 * (1 + math.cos(math.pi * t))
-
-    return factor

@@ -197,13 +197,3 @@ def save_figure(fig, path: Location) -> np.ndarray:
     pixels = render(fig)
     write_file(path, png_bytes(pixels))
     return pixels
-
-
-def denormalize(batch, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
-    """NCHW normalised tensors back to NHWC images in [0, 1]."""
-    import torch
-
-    mean_t = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
-    std_t = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
-    images = batch.detach().float().cpu() * std_t + mean_t
-    return images.clamp(0, 1).permute(0, 2, 3, 1).numpy()

@@ -121,7 +121,7 @@ def file_list_csv(rows: Sequence[tuple[Any, str]], header: Sequence[str] = ("pat
     return out.getvalue()
 
 
-def write_file_list(path: Location, rows: Sequence[tuple[Any, str]], header: Sequence[str] = ("path", "reason")) -> None:
+def write_file_list(path: Location, rows: Sequence[tuple[Any, str]], header: Sequence[str] = ("path", "reason")):
     write_file(path, file_list_csv(rows, header))
 
 
@@ -138,7 +138,7 @@ def remove_stale_temporaries(folder: Location) -> int:
 
 
 def run_dir(trainer) -> Location:
-    """The run directory (``lightning_logs/version_N``, or the trainer's root folder without a logger), created if needed.
+    """The run directory (``lightning_logs/version_N``, the root folder without a logger), created if needed.
 
     Unlike ``Trainer.log_dir`` this is no collective (that one broadcasts rank 0's path), so it
     may be called on rank 0 alone, which is the only process that writes files.
@@ -175,7 +175,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         torch.save(checkpoint, buffer)  # fails before anything is written when the state cannot be saved
         write_file(path, buffer.getbuffer())
 
-    def load_checkpoint(self, path, map_location: Any | None = None, weights_only: bool | None = None) -> dict[str, Any]:
+    def load_checkpoint(self, path, map_location: Any | None = None, weights_only: bool | None = None) -> dict:
         cached = self.preloaded.pop(str(path), None)
         if cached is not None:
             return cached
@@ -213,7 +213,7 @@ def _load_meta(path: Location) -> dict:
 
 
 def checkpoint_record(checkpoint: dict) -> list[dict]:
-    """The records of every monitoring ``ModelCheckpoint`` saved in ``checkpoint``: monitor, mode, best path and score."""
+    """The records of the monitoring ``ModelCheckpoint`` callbacks in ``checkpoint``: monitor, mode, best, score."""
     records = []
     for key, state in (checkpoint.get("callbacks") or {}).items():
         if not (isinstance(key, str) and key.startswith("ModelCheckpoint") and isinstance(state, dict)):

@@ -21,8 +21,8 @@ import numpy as np
 import torch
 
 from sedense.data.images import check_image, load_image
-from sedense.data.transforms import eval_geometry, to_tensor
 from sedense.errors import ConfigError, SedenseError
+from sedense.preprocessing import Preprocessing
 from sedense.reports import topk_record
 
 try:
@@ -42,10 +42,8 @@ def require_litserve() -> None:
 class UploadDecoder:
     """Upload bytes → the model's input pixels (uint8, HWC): checked, decoded once, upright, resized and cropped."""
 
-    def __init__(self, preprocessing: dict) -> None:
-        from torchvision.transforms import v2 as T
-
-        self.geometry = T.Compose(eval_geometry(preprocessing["image_size"], preprocessing["eval_crop"]))
+    def __init__(self, preprocessing: Preprocessing) -> None:
+        self.geometry = preprocessing.eval_geometry()
 
     def __call__(self, data: bytes) -> np.ndarray:
         reason = "empty upload" if not data else check_image(io.BytesIO(data), "header")
@@ -53,7 +51,7 @@ class UploadDecoder:
             raise ValueError(reason)
         try:
             return np.asarray(self.geometry(load_image(io.BytesIO(data))), dtype=np.uint8)
-        except Exception as err:  # noqa: BLE001 - any decoder failure is a bad upload
+        except Exception as err:
             raise ValueError(f"cannot be decoded ({type(err).__name__}: {err})") from None
 
 
@@ -65,7 +63,7 @@ class ImageUploadMiddleware:
     413; anything that is not a readable image gets 400.
     """
 
-    def __init__(self, app, max_bytes: int, preprocessing: dict, path: str = "/predict", threads: int = 4) -> None:
+    def __init__(self, app, max_bytes: int, preprocessing: Preprocessing, path: str = "/predict", threads: int = 4):
         self.app, self.max_bytes, self.path = app, max_bytes, path
         self.decode = UploadDecoder(preprocessing)
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="sedense-decode")
@@ -133,18 +131,17 @@ class ClassifierAPI(ls.LitAPI if ls is not None else object):
         self.ckpt_path, self.top_k, self.trusted = ckpt_path, top_k, trusted
 
     def setup(self, device) -> None:
-        from torchvision.transforms import v2 as T
-
         from sedense.module import ImageClassifier
 
         self.model, pre = ImageClassifier.for_inference(self.ckpt_path, trusted=self.trusted)
         self.model.to(device)
         self.device = device
-        self.normalize = T.Compose(to_tensor(pre["mean"], pre["std"]))
+        self.normalize = pre.normalize()
 
     def decode_request(self, request) -> torch.Tensor:
         pixels = np.frombuffer(base64.b64decode(request["pixels"]), dtype=np.uint8)
-        return self.normalize(torch.from_numpy(pixels.reshape(request["height"], request["width"], 3).copy()).permute(2, 0, 1))
+        pixels = pixels.reshape(request["height"], request["width"], 3).copy()
+        return self.normalize(torch.from_numpy(pixels).permute(2, 0, 1))
 
     def batch(self, inputs: list[torch.Tensor]) -> torch.Tensor:
         return torch.stack(inputs)
@@ -180,19 +177,20 @@ def wait_until_healthy(url: str, timeout: float = 180.0) -> bool:
     return False
 
 
-def build_server(ckpt_path: Path, preprocessing: dict, top_k: int = 5, max_batch_size: int = 8,
+def build_server(ckpt_path: Path, preprocessing: Preprocessing, top_k: int = 5, max_batch_size: int = 8,
                  batch_timeout: float = 0.01, max_upload_mb: float = 10.0, accelerator: str = "auto",
                  workers_per_device: int = 1, trusted: bool = False):
     """A LitServer for the classifier in ``ckpt_path`` (POST /predict, GET /health)."""
     require_litserve()
     api = ClassifierAPI(ckpt_path, top_k, max_batch_size, batch_timeout, trusted)
+    upload_options = {"max_bytes": int(max_upload_mb * 2**20), "preprocessing": preprocessing}
     return ls.LitServer(
         api,
         accelerator=accelerator,
         devices=1,
         workers_per_device=workers_per_device,
         timeout=60,
-        middlewares=[(ImageUploadMiddleware, {"max_bytes": int(max_upload_mb * 2**20), "preprocessing": preprocessing})],
+        middlewares=[(ImageUploadMiddleware, upload_options)],
     )
 
 

@@ -50,7 +50,7 @@ TINY = [
     "--model.block_config", "[2, 2]",
     "--model.growth_rate", "8",
     "--model.num_init_features", "8",
-    "--data.image_size", "16",
+    "--data.preprocessing.image_size", "16",
     "--data.batch_size", "8",
     "--data.num_workers", "0",
     "--trainer.accelerator", "cpu",
@@ -84,7 +84,8 @@ def run_sedense(args: list[str], cwd: Path, check: bool = True, timeout: float =
         except subprocess.TimeoutExpired:
             os.killpg(p.pid, signal.SIGKILL)
             out, err = p.communicate()
-            raise AssertionError(f"sedense {' '.join(args)} ran past {timeout} s:\n{out[-2000:]}\n{err[-4000:]}") from None
+            command = " ".join(args)
+            raise AssertionError(f"sedense {command} ran past {timeout} s:\n{out[-2000:]}\n{err[-4000:]}") from None
     proc = subprocess.CompletedProcess(p.args, p.returncode, out, err)
     if check and proc.returncode != 0:
         raise AssertionError(f"sedense {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
@@ -160,6 +161,18 @@ def read_csv(path: Path) -> list[dict]:
 
     with open(path, newline="", encoding="utf-8") as f:
         return list(csv.DictReader(f))
+
+
+def read_matrix(path: Path) -> list[list[int]]:
+    """A confusion matrix CSV (header row and first column hold class names) as counts."""
+    return [list(map(int, row[1:])) for row in read_rows(path)[1:]]
+
+
+def read_rows(path: Path) -> list[list[str]]:
+    import csv
+
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.reader(f))
 
 
 def newest_run(root: Path) -> Path:

@@ -1,3 +1,4 @@
+import json
 import subprocess
 import sys
 from collections import Counter
@@ -9,8 +10,9 @@ import torch
 from PIL import Image
 
 from conftest import make_folder, make_image
-from sedense.data import ImageFolderDataModule, build_transforms, load_image, scan_dataset, stratified_split
-from sedense.errors import DataError
+from sedense.data import ImageFolderDataModule, load_image, scan_dataset, stratified_split, train_transform
+from sedense.errors import ConfigError, DataError
+from sedense.preprocessing import Preprocessing
 
 
 def test_split_is_stratified_disjoint_and_complete(image_folder):
@@ -102,7 +104,7 @@ def test_error_test_folder_with_unknown_class(tmp_path):
 
 def test_test_root_is_matched_to_the_model_classes_by_name(tmp_path):
     make_folder(tmp_path / "extra", {"glass": 2, "metal": 3})
-    dm = ImageFolderDataModule(test_root=str(tmp_path / "extra"), num_workers=0, image_size=16)
+    dm = ImageFolderDataModule(test_root=str(tmp_path / "extra"), preprocessing=Preprocessing(16), num_workers=0)
 
     class FakeTrainer:
         lightning_module = type("M", (), {"class_names": ["cardboard", "glass", "metal"]})()
@@ -138,12 +140,31 @@ def test_images_of_any_mode_load_as_rgb(tmp_path, mode):
 def test_transforms_give_normalised_square_tensors(tmp_path):
     img = load_image(make_image(tmp_path / "x.png", (128, 128, 128), size=40))
     for train in (True, False):
-        out = build_transforms(train, 24)(img)
+        out = (train_transform(Preprocessing(24)) if train else Preprocessing(24).eval_transform())(img)
         assert out.shape == (3, 24, 24) and out.dtype == torch.float32
         assert out.abs().max() < 5
 
 
-@pytest.mark.parametrize("kwargs", [dict(val_split=1.0), dict(image_size=0), dict(eval_crop=0)])
+@pytest.mark.parametrize("kwargs", [dict(val_split=1.0), dict(batch_size=0), dict(verify="deep")])
 def test_bad_data_options(kwargs):
     with pytest.raises(DataError):
         ImageFolderDataModule(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs", [dict(image_size=0), dict(eval_crop=0), dict(std=(0.2, 0.2, 0.0))])
+def test_bad_preprocessing_options(kwargs):
+    with pytest.raises(ConfigError, match="data.preprocessing"):
+        Preprocessing(**kwargs)
+
+
+def test_preprocessing_travels_through_a_checkpoint_and_an_export_sidecar(tmp_path):
+    pre = Preprocessing(48, 0.9, (0.5, 0.4, 0.3), (0.2, 0.3, 0.4))
+    assert Preprocessing.from_checkpoint({"datamodule_hyper_parameters": {"preprocessing": pre.to_dict()}}) == pre
+    legacy = {"datamodule_hyper_parameters": {"image_size": 48, "eval_crop": 0.9, "mean": [0.5, 0.4, 0.3],
+                                              "std": [0.2, 0.3, 0.4], "batch_size": 8}}
+    assert Preprocessing.from_checkpoint(legacy) == pre  # checkpoints from before the preprocessing option
+    (tmp_path / "preprocessing.json").write_text(json.dumps(pre.sidecar(6, "model.onnx")))
+    assert Preprocessing.from_sidecar(tmp_path / "preprocessing.json") == pre
+    assert pre.sidecar(6, "model.onnx")["resize_shorter_side"] == 53
+    img = load_image(make_image(tmp_path / "x.png", (128, 128, 128), size=80))
+    assert pre.eval_transform()(img).shape == (3, 48, 48)

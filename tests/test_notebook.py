@@ -17,8 +17,10 @@ def test_quickstart_notebook_executes(monkeypatch):
     monkeypatch.setenv("SEDENSE_NB_IMAGE_SIZE", "16")
     monkeypatch.setenv("MPLBACKEND", "Agg")
     nb = nbformat.read(NOTEBOOK, as_version=4)
-    nbclient.NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOK.parent)}}).execute()
-    outputs = "".join(o.get("text", "") for cell in nb.cells if cell.cell_type == "code" for o in cell.get("outputs", []))
+    resources = {"metadata": {"path": str(NOTEBOOK.parent)}}
+    nbclient.NotebookClient(nb, timeout=600, kernel_name="python3", resources=resources).execute()
+    cells = [cell for cell in nb.cells if cell.cell_type == "code"]
+    outputs = "".join(o.get("text", "") for cell in cells for o in cell.get("outputs", []))
     assert "10 classes" in outputs and "validation accuracy" in outputs and "8 photos classified" in outputs
     errors = [o for cell in nb.cells for o in cell.get("outputs", []) if o.get("output_type") == "error"]
     assert not errors

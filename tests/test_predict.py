@@ -14,8 +14,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from conftest import make_bad_corpus, make_image, newest_run, run_sedense
 
+from conftest import make_bad_corpus, make_image, newest_run, run_sedense
+from sedense.preprocessing import Preprocessing
 from sedense.serve import wait_until_healthy
 
 PREDICT = ["--data.num_workers", "0", "--trainer.enable_progress_bar", "false", "--trainer.accelerator", "cpu"]
@@ -91,7 +92,7 @@ def test_export_matches_pytorch(trained, fmt):
     assert diff <= 1e-4 and "same classes: yes" in proc.stdout
     export = trained / "lightning_logs" / "version_0" / "export"
     assert json.loads((export / "class_indices.json").read_text()) == {"0": "cardboard", "1": "glass", "2": "metal"}
-    assert json.loads((export / "preprocessing.json").read_text())["image_size"] == 16
+    assert Preprocessing.from_sidecar(export / "preprocessing.json").image_size == 16
 
 
 def test_onnx_predictions_equal_pytorch(trained):
@@ -173,7 +174,8 @@ def test_service_answers_a_concurrent_burst_and_rejects_bad_uploads(trained, ser
         assert answer.json()["confidence"] == pytest.approx(float(want["confidence"]), abs=1e-4)
 
     multipart = requests.post(f"{server}/predict", files={"file": files[0].open("rb")}, timeout=60)
-    as_json = requests.post(f"{server}/predict", json={"image": base64.b64encode(files[0].read_bytes()).decode()}, timeout=60)
+    encoded = base64.b64encode(files[0].read_bytes()).decode()
+    as_json = requests.post(f"{server}/predict", json={"image": encoded}, timeout=60)
     assert multipart.json() == as_json.json() == answers[0].json()
 
     for body, status in ((b"definitely not an image", 400), (b"", 400), (files[0].read_bytes()[:60], 400),

@@ -13,7 +13,7 @@ from sedense.models import build_model
 from sedense.models.pretrained import cached_weights_path, load_backbone, load_official_state_dict, remap_legacy_keys
 
 FAST = [
-    "--data.image_size", "32", "--data.batch_size", "4", "--data.num_workers", "0",
+    "--data.preprocessing.image_size", "32", "--data.batch_size", "4", "--data.num_workers", "0",
     "--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.max_epochs", "1",
     "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1",
     "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
@@ -87,7 +87,8 @@ def test_offline_error_names_the_file_and_folder(torch_home, offline, tmp_path, 
 
 def test_frozen_densenet121_keeps_backbone_and_bn_statistics(cached_densenet121, offline, tmp_path, monkeypatch):
     ckpt, run = _fit(
-        tmp_path, monkeypatch, "--model.arch", "densenet121", "--model.pretrained", "true", "--model.freeze", "true",
+        tmp_path, monkeypatch, "--model.arch", "densenet121", "--model.pretrained", "true",
+        "--finetuning.freeze", "true",
         "--model.optimizer", "sgd", "--model.lr", "0.1",
     )
     state = ckpt["state_dict"]
@@ -98,17 +99,17 @@ def test_frozen_densenet121_keeps_backbone_and_bn_statistics(cached_densenet121,
     assert head.shape == (2, 1024)
     assert ckpt["global_step"] == 2
     # The weights' own preprocessing became the data's.
-    assert ckpt["datamodule_hyper_parameters"]["eval_crop"] == pytest.approx(224 / 256)
+    assert ckpt["datamodule_hyper_parameters"]["preprocessing"]["eval_crop"] == pytest.approx(224 / 256)
 
 
 def test_head_changes_in_a_frozen_training_step(cached_densenet121, offline):
     from sedense.module import ImageClassifier
 
-    model = ImageClassifier(class_names=["a", "b", "c"], arch="densenet121", pretrained=True, freeze=True)
+    model = ImageClassifier(class_names=["a", "b", "c"], arch="densenet121", pretrained=True)
     model.load_initial_weights()
     from sedense.callbacks.finetuning import FreezeBackbone
 
-    freezer = FreezeBackbone()
+    freezer = FreezeBackbone(freeze=True)
     freezer.freeze_before_training(model)
     model.train()
     freezer.on_train_batch_start(None, model, None, 0)
@@ -128,7 +129,8 @@ def test_head_changes_in_a_frozen_training_step(cached_densenet121, offline):
 
 def test_se_densenet121_receives_every_shared_key(cached_densenet121, offline, tmp_path, monkeypatch):
     ckpt, _ = _fit(
-        tmp_path, monkeypatch, "--model.arch", "se_densenet121", "--model.pretrained", "true", "--model.freeze", "true"
+        tmp_path, monkeypatch, "--model.arch", "se_densenet121", "--model.pretrained", "true",
+        "--finetuning.freeze", "true",
     )
     state = ckpt["state_dict"]
     shared = [k for k in cached_densenet121 if not k.startswith("classifier.")]
@@ -167,7 +169,7 @@ def test_weights_from_a_sedense_checkpoint_of_another_run(tmp_path, monkeypatch,
     first, run = _fit(tmp_path, monkeypatch, *tiny)
     other = make_folder(tmp_path / "other", {"paper": 5, "plastic": 5, "trash": 5}, size=40)
     second, _ = _fit(
-        tmp_path, monkeypatch, *tiny, "--data.root", str(other), "--model.freeze", "true",
+        tmp_path, monkeypatch, *tiny, "--data.root", str(other), "--finetuning.freeze", "true",
         "--model.weights", str(run / "checkpoints" / "last.ckpt"),
     )
     assert second["hyper_parameters"]["class_names"] == ["paper", "plastic", "trash"]
@@ -183,11 +185,15 @@ def test_unfreezing_adds_the_backbone_at_a_lower_learning_rate(tmp_path, monkeyp
     first, run = _fit(tmp_path, monkeypatch, *tiny)
     second, _ = _fit(
         tmp_path, monkeypatch, *tiny, "--model.weights", str(run / "checkpoints" / "last.ckpt"),
-        "--model.freeze", "true", "--model.unfreeze_at_epoch", "1", "--trainer.max_epochs", "2",
+        "--finetuning.freeze", "true", "--finetuning.unfreeze_at_epoch", "1", "--trainer.max_epochs", "2",
         "--model.optimizer", "sgd", "--model.lr", "0.05",
     )
     groups = second["optimizer_states"][0]["param_groups"]
     assert len(groups) == 3  # decay, no-decay, and the unfrozen backbone
+    # The backbone is on the head's schedule, at its share: the same cosine, a tenth of the learning rate.
+    assert groups[2]["initial_lr"] == pytest.approx(0.1 * groups[0]["initial_lr"])
+    assert groups[2]["lr"] == pytest.approx(0.1 * groups[0]["lr"]) and groups[0]["lr"] < groups[0]["initial_lr"]
+    after = second["state_dict"]
     changed = [k for k, v in first["state_dict"].items()
-               if k.startswith("net.features.") and v.is_floating_point() and not torch.equal(v, second["state_dict"][k])]
+               if k.startswith("net.features.") and v.is_floating_point() and not torch.equal(v, after[k])]
     assert changed

@@ -9,7 +9,6 @@ run files written where nobody asked.
 from __future__ import annotations
 
 import contextlib
-import csv
 import json
 import os
 import resource
@@ -23,8 +22,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import COLOURS, PREDICT, TINY, best_checkpoint, make_folder, make_image, newest_run, read_csv, run_sedense, sedense_env
 
+from conftest import (
+    COLOURS,
+    PREDICT,
+    TINY,
+    best_checkpoint,
+    make_folder,
+    make_image,
+    newest_run,
+    read_csv,
+    read_matrix,
+    run_sedense,
+    sedense_env,
+)
 from sedense.cli import main
 from sedense.data.folders import scan_dataset
 from sedense.data.images import check_image
@@ -123,15 +134,15 @@ def test_a_broken_image_is_left_out_of_evaluation_and_listed(tmp_path, monkeypat
     with pytest.warns(UserWarning, match=r"1 image\(s\) of the validation set cannot be decoded and are not scored"):
         main(["fit", *TINY, "--data.root", "data", "--trainer.max_epochs", "1"])
     run = tmp_path / "lightning_logs" / "version_0"
-    matrix = [list(map(int, r[1:])) for r in list(csv.reader(open(run / "confusion_matrix_val.csv")))[1:]]
+    matrix = read_matrix(run / "confusion_matrix_val.csv")
     assert sum(map(sum, matrix)) == len(val) - 1  # not len(val): no other image counted in its place
     skipped = {r["path"]: r["reason"] for r in read_csv(run / "skipped_files.csv")}
-    assert list(skipped) == [str(victim.relative_to(tmp_path))] and skipped[str(victim.relative_to(tmp_path))].startswith(
-        "cannot be decoded")
+    listed = str(victim.relative_to(tmp_path))
+    assert list(skipped) == [listed] and skipped[listed].startswith("cannot be decoded")
     main(["test", *TINY, "--data.root", "data", "--ckpt_path", "best"])
     report = json.loads((newest_run(tmp_path) / "metrics_test.json").read_text())
     assert report["images"] == len(val) - 1
-    assert [r["path"] for r in read_csv(newest_run(tmp_path) / "skipped_files.csv")] == [str(victim.relative_to(tmp_path))]
+    assert [r["path"] for r in read_csv(newest_run(tmp_path) / "skipped_files.csv")] == [listed]
 
 
 # ----------------------------------------------------------------------------- 4. `best` and `last`
@@ -161,7 +172,8 @@ def test_best_is_the_checkpoint_callbacks_record_not_the_last_file_name(trained_
 
 
 # ----------------------------------------------------------------------------- 5. resume keeps every epoch
-@pytest.mark.parametrize("schedule", [["--trainer.check_val_every_n_epoch", "2"], ["--trainer.val_check_interval", "0.5"]],
+@pytest.mark.parametrize("schedule", [["--trainer.check_val_every_n_epoch", "2"],
+                                      ["--trainer.val_check_interval", "0.5"]],
                          ids=["validation every 2 epochs", "validation twice an epoch"])
 def test_a_resumed_run_keeps_every_epoch_of_its_reports(tmp_path, monkeypatch, schedule):
     monkeypatch.chdir(tmp_path)
@@ -197,7 +209,7 @@ def test_class_names_never_overwrite_report_keys_or_confuse_the_top_k_column(tmp
     info = json.loads((run / "metrics.json").read_text())["epoch:0"]["valid info"]
     assert set(info) == {"accuracy", "mean precision", "mean recall", "mean specificity", "mean f1 score",
                          "a;b:c", "class:accuracy", "class:class:glass", "class:mean precision"}
-    matrix = np.array([list(map(int, r[1:])) for r in list(csv.reader(open(run / "confusion_matrix_val.csv")))[1:]])
+    matrix = np.array(read_matrix(run / "confusion_matrix_val.csv"))
     assert info["accuracy"] == pytest.approx(np.trace(matrix) / matrix.sum())
     assert info["class:accuracy"]["Recall"] == pytest.approx(matrix[1, 1] / matrix[1].sum())
     main(predict_args(best_checkpoint(tmp_path), tmp_path / "data", tmp_path))
@@ -224,7 +236,8 @@ def test_a_trusted_checkpoint_with_pickled_objects_works_with_weights_only_false
         main([sub, *TINY, "--data.root", data, "--ckpt_path", "mine.ckpt", "--weights_only", "false"])
     main(["fit", *TINY, "--data.root", data, "--ckpt_path", "mine.ckpt", "--weights_only", "false",
           "--trainer.max_epochs", str(ckpt["epoch"] + 2)])
-    assert torch.load(newest_run(tmp_path) / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == ckpt["epoch"] + 1
+    resumed = torch.load(newest_run(tmp_path) / "checkpoints" / "last.ckpt", weights_only=True)
+    assert resumed["epoch"] == ckpt["epoch"] + 1
 
 
 # ----------------------------------------------------------------------------- 8. Ctrl-C and storage errors
@@ -304,7 +317,11 @@ def test_a_write_syncs_the_file_and_its_folder(tmp_path, monkeypatch):
 
     synced = []
     real_fsync = os.fsync
-    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(os.path.realpath(f"/proc/self/fd/{fd}")) or real_fsync(fd))
+    def fsync(fd):
+        synced.append(os.path.realpath(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
     runs.write_file(tmp_path / "a" / "metrics.json", "{}")
     assert synced[-1] == str(tmp_path / "a")  # the rename is made durable too
     assert (tmp_path / "a" / "metrics.json").read_text() == "{}" and len(list((tmp_path / "a").iterdir())) == 1
@@ -315,6 +332,7 @@ def test_a_library_fit_writes_no_run_files_into_the_working_directory(tmp_path, 
 
     from sedense.data import ImageFolderDataModule
     from sedense.module import ImageClassifier
+    from sedense.preprocessing import Preprocessing
 
     monkeypatch.chdir(tmp_path)
     make_folder(tmp_path / "data", {"cardboard": 6, "glass": 6})
@@ -322,7 +340,7 @@ def test_a_library_fit_writes_no_run_files_into_the_working_directory(tmp_path, 
                             growth_rate=8, num_init_features=8)
     trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False)
-    trainer.fit(model, ImageFolderDataModule("data", image_size=16, batch_size=4, num_workers=0))
+    trainer.fit(model, ImageFolderDataModule("data", preprocessing=Preprocessing(16), batch_size=4, num_workers=0))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
 
 

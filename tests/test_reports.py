@@ -10,7 +10,7 @@ from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 from torchmetrics.classification import MulticlassConfusionMatrix
 
 from conftest import TINY, make_folder, run_sedense
-from sedense.reports import class_metrics, format_report
+from sedense.reports import MEAN_KEYS, class_metrics, format_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -89,7 +89,7 @@ def test_fit_reports_match_scikit_learn_on_predictions_of_the_best_checkpoint(tm
     for entry in history.values():
         assert set(entry) == {"train info", "valid info"}
         for info in entry.values():
-            assert set(info) == {"accuracy", *names, "mean precision", "mean recall", "mean specificity", "mean f1 score"}
+            assert set(info) == {"accuracy", *names, *MEAN_KEYS}
             assert set(info["glass"]) == {"Precision", "Recall", "Specificity", "F1 score"}
     with open(run / "results.csv", newline="") as f:
         rows = list(csv.DictReader(f))
@@ -138,16 +138,18 @@ def test_fit_reports_match_scikit_learn_on_predictions_of_the_best_checkpoint(tm
     validate = run_sedense(["validate", *TINY, "--data.root", str(data), "--ckpt_path", str(best)], cwd=tmp_path)
     assert "val set: " in validate.stdout and "macro avg" in validate.stdout
     val_dir = max(tmp_path.glob("lightning_logs/version_*"), key=lambda p: int(p.name.split("_")[1]))
-    assert flatten(json.loads((val_dir / "metrics_val.json").read_text())["valid info"]) == pytest.approx(flatten(valid))
+    validated = json.loads((val_dir / "metrics_val.json").read_text())["valid info"]
+    assert flatten(validated) == pytest.approx(flatten(valid))
 
     # TensorBoard got the scalars, the pictures and the hyperparameters with the final metrics.
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(run), size_guidance={"images": 0}).Reload()
     tags = events.Tags()
-    assert {"train_loss_epoch", "val_loss", "val_acc", "train_acc", "val_mean_f1", "val_f1/glass"} <= set(tags["scalars"])
+    scalars = {"train_loss_epoch", "val_loss", "val_acc", "train_acc", "val_mean_f1", "val_f1/glass"}
+    assert scalars <= set(tags["scalars"])
     assert any(t.startswith("lr-") for t in tags["scalars"])
     assert {"confusion_matrix_val", "confusion_matrix_train"} <= set(tags["images"])
     assert any(t.startswith("train_batch") for t in tags["images"])
-    hparam_runs = [p for p in run.rglob("events.out.tfevents.*")]
+    hparam_runs = list(run.rglob("events.out.tfevents.*"))
     assert any(b"hp/best_val_acc" in p.read_bytes() for p in hparam_runs)

@@ -6,10 +6,11 @@ import json
 
 import pytest
 import torch
-from conftest import TINY, make_folder, run_sedense
 
+from conftest import TINY, make_folder, run_sedense
 from sedense.data import ImageFolderDataModule
 from sedense.module import ImageClassifier, batch_mixer
+from sedense.preprocessing import Preprocessing
 
 RECIPE = """
 model:
@@ -60,7 +61,8 @@ def test_cache_gives_the_same_validation_tensors_as_decoding(tmp_path):
     make_folder(tmp_path / "data", {"cardboard": 6, "glass": 6}, size=40)
     tensors = {}
     for cache in (False, True):
-        data = ImageFolderDataModule(str(tmp_path / "data"), image_size=16, num_workers=0, cache=cache)
+        pre = Preprocessing(16)
+        data = ImageFolderDataModule(str(tmp_path / "data"), preprocessing=pre, num_workers=0, cache=cache)
         data.setup("fit")
         tensors[cache] = torch.stack([data.val_set[i][0] for i in range(len(data.val_set))])
         assert data.val_set.cache is (None if not cache else data.val_set.cache)
@@ -96,7 +98,7 @@ def test_compile_covers_training_steps_only_and_keeps_checkpoint_names(tmp_path,
         return run
 
     monkeypatch.setattr(torch, "compile", counting_compile)
-    data = ImageFolderDataModule(str(tmp_path / "data"), image_size=16, batch_size=4, num_workers=0)
+    data = ImageFolderDataModule(str(tmp_path / "data"), preprocessing=Preprocessing(16), batch_size=4, num_workers=0)
     tiny = dict(class_names=["cardboard", "glass"], arch="se_densenet_bc100", block_config=[2, 2], growth_rate=8,
                 num_init_features=8)
     model = ImageClassifier(**tiny, compile=True, ema_decay=0.9)

@@ -14,7 +14,14 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
 from sedense import reports
-from sedense.callbacks.outputs import annotate_image, annotated_suffix, file_id, output_names, place_file, with_suffix_unique
+from sedense.callbacks.outputs import (
+    annotate_image,
+    annotated_suffix,
+    file_id,
+    output_names,
+    place_file,
+    with_suffix_unique,
+)
 from sedense.data.datasets import UNREADABLE
 from sedense.errors import ConfigError
 from sedense.runs import is_remote, join, remove_stale_temporaries, run_dir, say, write_file, write_file_list
@@ -168,12 +175,11 @@ class PredictionWriter(BasePredictionWriter):
         from pytorch_grad_cam.utils.image import show_cam_on_image
 
         net = pl_module.net
-        hp = trainer.datamodule.hparams
         with torch.inference_mode(False), torch.enable_grad():  # prediction runs without autograd
             x = x.clone().float()
             with GradCAM(model=net, target_layers=[net.features[-1]]) as cam:
                 maps = cam(input_tensor=x, targets=None)  # None: the top class of each image
-        for image, heat, path in zip(reports.denormalize(x, hp.mean, hp.std), maps, paths):
+        for image, heat, path in zip(trainer.datamodule.preprocessing.denormalize(x), maps, paths):
             dst = join(self.folder, "explained", *self.explained[str(path)].parts)
             write_file(dst, reports.png_bytes(show_cam_on_image(image, heat, use_rgb=True)))
 
@@ -223,7 +229,8 @@ class PredictionWriter(BasePredictionWriter):
                 path.unlink()
         written += [join(folder, d) for d, on in (("annotated", self.annotate), ("explained", self.explain)) if on]
         written += [self.sort_into] if self.sort_into is not None else []
-        skipped = f"; skipped {len(errors)} unreadable file(s), listed in {join(folder, 'predict_errors.csv')}" if errors else ""
+        listed = join(folder, "predict_errors.csv")
+        skipped = f"; skipped {len(errors)} unreadable file(s), listed in {listed}" if errors else ""
         print(f"Predicted {len(records)} images{skipped}")
         print("Wrote " + ", ".join(str(p) for p in written))
 

@@ -119,14 +119,11 @@ class ReportWriter(L.Callback):
                 return logger.experiment
         return None
 
-    def _norm_stats(self, trainer: L.Trainer):
-        hp = trainer.datamodule.hparams
-        return hp.mean, hp.std
-
     def _write_matrix(self, trainer, matrix, names, stems: list[str], title: str, step: int | None = None) -> list:
-        """The matrix as ``<stem>.csv`` and ``<stem>.png`` for every stem (rendered once); TensorBoard gets the first."""
+        """The matrix as ``<stem>.csv`` and ``<stem>.png`` for every stem (drawn once); TensorBoard gets the first."""
         folder = run_dir(trainer)
-        table, pixels = reports.matrix_csv(matrix, names), reports.render(reports.confusion_figure(matrix, names, title))
+        table = reports.matrix_csv(matrix, names)
+        pixels = reports.render(reports.confusion_figure(matrix, names, title))
         png = reports.png_bytes(pixels)
         written = []
         for stem in stems:
@@ -152,7 +149,7 @@ class ReportWriter(L.Callback):
         self._preview_done = True
         x, y = batch[0], batch[1]
         n = min(self.preview_images, len(y))
-        images = reports.denormalize(x[:n], *self._norm_stats(trainer))
+        images = trainer.datamodule.preprocessing.denormalize(x[:n])
         titles = [pl_module.class_names[int(t)] for t in y[:n]]
         reports.save_figure(reports.image_grid_figure(images, titles), join(run_dir(trainer), "train_batch.png"))
         writer = self._tensorboard(trainer)
@@ -226,16 +223,16 @@ class ReportWriter(L.Callback):
         best = val_info is not None and (self.best_valid is None or val_info["accuracy"] > self.best_valid["accuracy"])
         if best:
             self.best_valid = val_info
-        extra = ["best_confusion_matrix_train"] if best else []
-        self._write_matrix(trainer, train_matrix, names, ["confusion_matrix_train", *extra], f"train, epoch {epoch}", epoch)
-        if val_info is not None:
-            extra = ["best_confusion_matrix_val"] if best else []
-            self._write_matrix(trainer, pending["matrix"], names, ["confusion_matrix_val", *extra], f"val, epoch {epoch}", epoch)
+        for stage, matrix in (("train", train_matrix), ("val", pending["matrix"] if val_info else None)):
+            if matrix is not None:
+                stems = [f"confusion_matrix_{stage}"] + ([f"best_confusion_matrix_{stage}"] if best else [])
+                self._write_matrix(trainer, matrix, names, stems, f"{stage}, epoch {epoch}", epoch)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero or self.best_valid is None:
             return
-        final = {"hp/best_val_acc": self.best_valid["accuracy"], "hp/best_val_mean_f1": self.best_valid["mean f1 score"]}
+        best = self.best_valid
+        final = {"hp/best_val_acc": best["accuracy"], "hp/best_val_mean_f1": best["mean f1 score"]}
         for logger in trainer.loggers:
             logger.log_hyperparams(dict(pl_module.hparams), metrics=final)
 
@@ -261,7 +258,8 @@ class ReportWriter(L.Callback):
         probs = log_probs.exp()
         for i in (log_probs.argmax(1) != y).nonzero().flatten().tolist():
             path = str(dataset.path(int(outputs["index"][i]))) if hasattr(dataset, "path") else None
-            self._worst.append((float(losses[i]), x[i].cpu(), int(y[i]), int(probs[i].argmax()), float(probs[i].max()), path))
+            pred, conf = int(probs[i].argmax()), float(probs[i].max())
+            self._worst.append((float(losses[i]), x[i].cpu(), int(y[i]), pred, conf, path))
         self._worst = sorted(self._worst, key=lambda w: -w[0])[: self.worst_images]
 
     def _gather_worst(self, trainer) -> list:
@@ -288,7 +286,7 @@ class ReportWriter(L.Callback):
         reports.write_json(written[0], report)
         written += self._write_matrix(trainer, matrix, names, [f"confusion_matrix_{stage}"], stage)
         if worst:
-            images = reports.denormalize(torch.stack([w[1] for w in worst]), *self._norm_stats(trainer))
+            images = trainer.datamodule.preprocessing.denormalize(torch.stack([w[1] for w in worst]))
             titles = [f"true {names[w[2]]}\npred {names[w[3]]} {w[4]:.2f}" for w in worst]
             written.append(join(folder, f"worst_{stage}.png"))
             reports.save_figure(reports.image_grid_figure(images, titles, columns=4), written[-1])

@@ -17,8 +17,7 @@ _EXPORTS = {
     "stratified_split": "folders",
     "IMG_EXTENSIONS": "images", "check_image": "images", "filter_images": "images", "is_image_file": "images",
     "list_images": "images", "load_image": "images", "resolve_inputs": "images",
-    "IMAGENET_MEAN": "transforms", "IMAGENET_STD": "transforms", "build_transforms": "transforms",
-    "eval_geometry": "transforms", "to_tensor": "transforms",
+    "train_transform": "transforms",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -19,8 +19,9 @@ from torchvision.transforms import v2 as T
 from sedense.data.datasets import UNLABELLED, EvalSampler, ImageListDataset
 from sedense.data.folders import Split, match_classes, scan_class_folders, scan_dataset
 from sedense.data.images import filter_images, resolve_inputs
-from sedense.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_transforms, eval_geometry, to_tensor
+from sedense.data.transforms import train_transform
 from sedense.errors import DataError
+from sedense.preprocessing import Preprocessing
 
 
 def default_num_workers() -> int:
@@ -46,7 +47,8 @@ class ImageFolderDataModule(L.LightningDataModule):
         predict_root: the images to ``predict`` (labels not needed): a folder (searched
             recursively), one image, a glob pattern (``photos/**/*.jpg``) or a text file listing
             one path per line.
-        image_size: side of the square images the model sees.
+        preprocessing: how the model sees an image (input size, evaluation crop, normalisation); saved in
+            every checkpoint, so that a checkpoint alone predicts.
         val_split: fraction of every class held out for validation (one-folder-per-class layout).
         seed: seed of the split; the same seed gives the same split on every run and process.
         batch_size: images per batch (per process).
@@ -57,12 +59,9 @@ class ImageFolderDataModule(L.LightningDataModule):
         rotation: maximum random rotation in training, in degrees (0: none).
         color_jitter: strength of brightness/contrast/saturation jitter in training (0: none).
         trivial_augment: add TrivialAugmentWide to the training transform.
-        eval_crop: evaluation resizes to ``image_size / eval_crop`` and centre-crops ``image_size``.
-        mean: per-channel normalisation mean.
-        std: per-channel normalisation standard deviation.
         cache: decode every training and validation image once into memory, pre-resized (the
-            training images to a short side of ``image_size / sqrt(min crop scale)``, at most
-            twice ``image_size``; the validation images to their final crop), instead of decoding
+            training images to a short side of the input size / sqrt(min crop scale), at most
+            twice the input size; the validation images to their final crop), instead of decoding
             the full-size files again every epoch. For datasets that fit in RAM.
         verify: how files are checked when the dataset is scanned: ``header`` opens each file
             and reads its size (cheap; finds empty, non-image, unsupported and oversized files),
@@ -76,7 +75,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         root: str | None = None,
         test_root: str | None = None,
         predict_root: str | None = None,
-        image_size: int = 224,
+        preprocessing: Preprocessing = Preprocessing(),
         val_split: float = 0.2,
         seed: int = 42,
         batch_size: int = 32,
@@ -87,9 +86,6 @@ class ImageFolderDataModule(L.LightningDataModule):
         rotation: float = 0.0,
         color_jitter: float = 0.0,
         trivial_augment: bool = False,
-        eval_crop: float = 0.875,
-        mean: tuple[float, float, float] = IMAGENET_MEAN,
-        std: tuple[float, float, float] = IMAGENET_STD,
         cache: bool = False,
         verify: Literal["header", "full"] = "header",
         strict: bool = False,
@@ -97,13 +93,13 @@ class ImageFolderDataModule(L.LightningDataModule):
         super().__init__()
         if not 0 <= val_split < 1:
             raise DataError(f"data.val_split must be in [0, 1), got {val_split}")
-        if image_size < 1 or batch_size < 1:
-            raise DataError("data.image_size and data.batch_size must be positive")
+        if batch_size < 1:
+            raise DataError(f"data.batch_size must be positive, got {batch_size}")
         if verify not in ("header", "full"):
             raise DataError(f"data.verify must be header or full, got {verify!r}")
-        if not 0 < eval_crop <= 1:
-            raise DataError(f"data.eval_crop must be in (0, 1], got {eval_crop}")
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["preprocessing"])
+        self.preprocessing = Preprocessing.from_dict(preprocessing)
+        self.hparams["preprocessing"] = self.preprocessing.to_dict()  # plain numbers: checkpoints load weights-only
         self.root = Path(root) if root else None
         self.test_root = Path(test_root) if test_root else None
         self.predict_root = Path(predict_root) if predict_root else None
@@ -165,18 +161,16 @@ class ImageFolderDataModule(L.LightningDataModule):
         return list(module.class_names) if module is not None and getattr(module, "class_names", None) else None
 
     def train_transform(self) -> T.Compose:
-        hp = self.hparams
-        return build_transforms(True, hp.image_size, hp.mean, hp.std, **self._aug)
+        return train_transform(self.preprocessing, **self._aug)
 
     def eval_transform(self) -> T.Compose:
-        hp = self.hparams
-        return build_transforms(False, hp.image_size, hp.mean, hp.std, eval_crop=hp.eval_crop)
+        return self.preprocessing.eval_transform()
 
     # ----------------------------------------------------------------------------- Lightning hooks
     def train_cache_side(self) -> int:
         """Short side of cached training images: crops of the smallest scale need no up-sampling."""
         smallest = max(float(self.hparams.crop_scale[0]), 0.25)
-        return int(round(self.hparams.image_size / smallest**0.5))
+        return int(round(self.preprocessing.image_size / smallest**0.5))
 
     def _fill_caches(self, *datasets: ImageListDataset) -> None:
         start, nbytes = time.perf_counter(), 0
@@ -186,7 +180,6 @@ class ImageFolderDataModule(L.LightningDataModule):
         rank_zero_info(f"Cached {n} decoded images ({nbytes / 2**20:.0f} MB) in {time.perf_counter() - start:.1f} s")
 
     def setup(self, stage: str) -> None:
-        hp = self.hparams
         if stage in ("fit", "validate"):
             split = self.split
             self._check_model_classes(split.class_names)
@@ -197,8 +190,8 @@ class ImageFolderDataModule(L.LightningDataModule):
             val = [(p, index[c]) for p, c in split.val]
             if self.hparams.cache:
                 self.train_set = ImageListDataset(train, self.train_transform(), T.Resize(self.train_cache_side()))
-                self.val_set = self._eval_set(val, T.Compose(to_tensor(hp.mean, hp.std)),
-                                              T.Compose(eval_geometry(hp.image_size, hp.eval_crop)))
+                pre = self.preprocessing
+                self.val_set = self._eval_set(val, pre.normalize(), pre.eval_geometry())
                 self._fill_caches(self.train_set, self.val_set)
             else:
                 self.train_set = ImageListDataset(train, self.train_transform())
@@ -207,12 +200,15 @@ class ImageFolderDataModule(L.LightningDataModule):
             self.test_set = self._eval_set(self._test_samples(), self.eval_transform())
         elif stage == "predict":
             if self.predict_root is None:
-                raise DataError("data.predict_root is not set: give the images to classify (folder, image, glob or list)")
+                raise DataError(
+                    "data.predict_root is not set: give the images to classify (folder, image, glob or list)"
+                )
             files, missing = resolve_inputs(str(self.predict_root))
             self.predict_files, bad = filter_images(files, self.hparams.verify)
             self.predict_errors = missing + bad
             if not self.predict_files:
-                detail = f"; e.g. {self.predict_errors[0][0]}: {self.predict_errors[0][1]}" if self.predict_errors else ""
+                first = self.predict_errors[0] if self.predict_errors else None
+                detail = f"; e.g. {first[0]}: {first[1]}" if first else ""
                 raise DataError(f"data.predict_root: no readable images in {self.predict_root}{detail}")
             self.predict_pending = list(self.predict_files)
 
@@ -227,7 +223,7 @@ class ImageFolderDataModule(L.LightningDataModule):
 
     def _eval_set(self, samples: list[tuple[Path, int]], transform, prepare=None) -> ImageListDataset:
         """Evaluation never substitutes a broken image with another (that would count one twice): it marks it."""
-        return ImageListDataset(samples, transform, prepare, evaluation=True, blank_size=self.hparams.image_size)
+        return ImageListDataset(samples, transform, prepare, evaluation=True, blank_size=self.preprocessing.image_size)
 
     def _check_model_classes(self, class_names: list[str]) -> None:
         model_names = self._model_class_names()
@@ -284,7 +280,4 @@ class ImageFolderDataModule(L.LightningDataModule):
         return self._loader(self.test_set)
 
     def predict_dataloader(self) -> DataLoader:
-        hp = self.hparams
-        dataset = ImageListDataset([(p, UNLABELLED) for p in self.predict_pending], self.eval_transform(),
-                                   evaluation=True, blank_size=hp.image_size)
-        return self._loader(dataset)
+        return self._loader(self._eval_set([(p, UNLABELLED) for p in self.predict_pending], self.eval_transform()))

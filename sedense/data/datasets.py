@@ -63,7 +63,7 @@ class ImageListDataset(Dataset):
     def _decode_or_none(self, index: int) -> Image.Image | None:
         try:
             return self._decode(index)
-        except Exception:  # noqa: BLE001 - decoded again, and reported, when the sample is used
+        except Exception:
             return None
 
     def fill_cache(self, threads: int = 4) -> int:
@@ -90,13 +90,13 @@ class ImageListDataset(Dataset):
                 return self._blank(), PADDING, -1
             try:
                 return (*self._item(index), index)
-            except Exception:  # noqa: BLE001 - any decoder failure is a bad file, not a bad run
+            except Exception:
                 return self._blank(), UNREADABLE, index
         for attempt in range(min(len(self), 10)):
             i = (index + attempt) % len(self)
             try:
                 return self._item(i)
-            except Exception as err:  # noqa: BLE001
+            except Exception as err:
                 warnings.warn(
                     f"{self.samples[i][0]}: cannot be read ({type(err).__name__}: {err}); another image takes its "
                     "place (data.verify: full finds such files before training)",
@@ -109,7 +109,7 @@ def unreadable_reason(path: Path) -> str:
     """Why ``path`` cannot be decoded now (for the list of skipped files)."""
     try:
         load_image(path).load()
-    except Exception as err:  # noqa: BLE001
+    except Exception as err:
         return f"cannot be decoded ({type(err).__name__}: {err})"
     return "could not be decoded when it was used"
 

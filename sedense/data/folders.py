@@ -28,7 +28,9 @@ def scan_class_folders(
         raise DataError(f"{what}: folder {root} does not exist")
     class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not class_dirs:
-        raise DataError(f"{what}: {root} has no class sub-folders; put the images of each class in a folder named after it")
+        raise DataError(
+            f"{what}: {root} has no class sub-folders; put the images of each class in a folder named after it"
+        )
     classes = {}
     for d in class_dirs:
         good, bad = filter_images(list_images(d), verify)
@@ -39,7 +41,9 @@ def scan_class_folders(
         raise DataError(f"{what}: no images found under {root} (extensions: {', '.join(IMG_EXTENSIONS)})")
     empty = [name for name, files in classes.items() if not files]
     if empty:
-        raise DataError(f"{what}: class folder {root / empty[0]} holds no usable images; add images or remove the folder")
+        raise DataError(
+            f"{what}: class folder {root / empty[0]} holds no usable images; add images or remove the folder"
+        )
     if len(classes) < min_classes:
         raise DataError(f"{what}: {root} has only one class ({class_dirs[0].name}); a classifier needs two or more")
     return classes
@@ -107,7 +111,8 @@ def _scan_dataset(root: Path, where: Path, val_split: float, seed: int, verify: 
             only_v = sorted(set(val_cls) - set(train_cls))
             raise DataError(
                 f"data.root: {root}/train and {root}/val have different classes "
-                f"(only in train: {only_t or 'none'}; only in val: {only_v or 'none'}); give both the same class folders"
+                f"(only in train: {only_t or 'none'}; only in val: {only_v or 'none'}); "
+                "give both the same class folders"
             )
         class_names = sorted(train_cls)
         train = sorted((p, c) for c, files in train_cls.items() for p in files)

@@ -43,7 +43,8 @@ def check_image(path: Path | BinaryIO, verify: str = "header") -> str | None:
         with Image.open(path) as img:
             pixels = img.width * img.height
             if pixels > (Image.MAX_IMAGE_PIXELS or float("inf")):
-                return f"{img.width}x{img.height} is over the decompression-bomb limit of {Image.MAX_IMAGE_PIXELS:,} pixels"
+                limit = f"{Image.MAX_IMAGE_PIXELS:,}"
+                return f"{img.width}x{img.height} is over the decompression-bomb limit of {limit} pixels"
             if pixels == 0:
                 return "image has no pixels"
             if verify == "full":

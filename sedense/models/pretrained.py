@@ -32,7 +32,9 @@ WEIGHT_SOURCES = {
 }
 
 # torchvision's first DenseNet checkpoints named dense-layer modules `norm.1`, `conv.2`, ...
-_OLD_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var|num_batches_tracked))$")
+_OLD_KEY = re.compile(
+    r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var|num_batches_tracked))$"
+)
 
 
 class WeightsNotFoundError(ConfigError):
@@ -69,7 +71,7 @@ def load_official_state_dict(arch: str) -> dict[str, torch.Tensor]:
         return safe_load(path, "model.pretrained")
     try:
         return torch.hub.load_state_dict_from_url(weights.url, progress=True, check_hash=True, weights_only=True)
-    except Exception as err:  # noqa: BLE001 - URLError, timeouts, SSL, hash mismatch: one message for all
+    except Exception as err:
         reason = first_line(err)
         raise WeightsNotFoundError(
             f"pretrained weights for {arch} are not in the cache and could not be downloaded ({reason}); "
@@ -78,21 +80,24 @@ def load_official_state_dict(arch: str) -> dict[str, torch.Tensor]:
 
 
 def safe_load(path: str | Path, option: str, mmap: bool = False, trusted: bool = False):
-    """``torch.load`` without unpickling arbitrary objects (unless ``trusted``); failures become one line naming ``option``."""
+    """``torch.load`` without unpickling objects (unless ``trusted``); failures are one line naming ``option``."""
     try:
         return torch.load(path, map_location="cpu", weights_only=not trusted, mmap=mmap)
     except FileNotFoundError:
         raise ConfigError(f"{option}: {path} does not exist") from None
     except pickle.UnpicklingError as err:
         if "Weights only load failed" not in str(err):
-            raise ConfigError(f"{option}: cannot read {path} as a weights or checkpoint file ({first_line(err)})") from None
+            raise ConfigError(
+                f"{option}: cannot read {path} as a weights or checkpoint file ({first_line(err)})"
+            ) from None
         found = re.search(r"GLOBAL ([\w.]+)", str(err))
+        what = f" ({found.group(1)})" if found else ""
         raise ConfigError(
-            f"{option}: {path} holds pickled Python objects{f' ({found.group(1)})' if found else ''}, and sedense loads "
+            f"{option}: {path} holds pickled Python objects{what}, and sedense loads "
             "only plain tensors and numbers unless told to trust a file, since unpickling can run any code; "
             "if you made this checkpoint yourself, add --weights_only false"
         ) from None
-    except Exception as err:  # noqa: BLE001 - corrupt file, not a torch file
+    except Exception as err:
         raise ConfigError(f"{option}: cannot read {path} as a weights or checkpoint file ({first_line(err)})") from None
 
 
@@ -139,7 +144,8 @@ def load_backbone(model: nn.Module, state: Mapping[str, torch.Tensor], source: s
     # `num_batches_tracked`; BatchNorm does not need it to normalise.
     missing = [
         k for k in own
-        if k not in state and ".se." not in k and not k.startswith("classifier.") and not k.endswith("num_batches_tracked")
+        if k not in state and ".se." not in k and not k.startswith("classifier.")
+        and not k.endswith("num_batches_tracked")
     ]
     problems = []
     for label, keys in (("missing", missing), ("unexpected", unexpected), ("of another shape", mismatched)):

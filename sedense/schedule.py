@@ -1,0 +1,133 @@
+"""The learning-rate schedule: a linear warm-up, then a cosine from ``lr`` down to ``lr * lrf``.
+
+The cosine follows the *progress* of training, a fraction from 0 to 1. With an epoch count it is the steps
+done over the steps planned. With a time budget it comes from a :class:`TimePlan`, remade at the end of
+every epoch from the measured epoch times, so that the last epoch that fits in the budget ends exactly at
+the schedule's floor, on a fast machine (more epochs) as on a slow one (fewer).
+
+Why a plan remade from epoch times, and not the elapsed time itself: an elapsed-time schedule would move the
+learning rate with every pause of the machine (a validation, a checkpoint, another program), and it ends
+wherever the clock runs out, in the middle of an epoch, with no validation of the final weights. Planning
+whole epochs (Ultralytics' ``time=`` re-plans once, after the first epochs; this re-plans after every one)
+ends the run on an epoch boundary, validated and checkpointed, at the floor.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LRScheduler
+
+
+def cosine_factor(progress: float, lrf: float) -> float:
+    """From 1 at progress 0 to ``lrf`` at progress 1, along half a cosine."""
+    p = min(max(progress, 0.0), 1.0)
+    return lrf + (1 - lrf) * 0.5 * (1 + math.cos(math.pi * p))
+
+
+class WarmupCosine(LRScheduler):
+    """Linear warm-up from 1% over ``warmup_steps``, then :func:`cosine_factor` of ``progress(step)``.
+
+    Every parameter group is scheduled from its own ``initial_lr``, also groups added during training
+    (a backbone unfrozen later joins the schedule where it stands).
+    """
+
+    def __init__(self, optimizer: Optimizer, warmup_steps: int, lrf: float, progress: Callable[[int], float]) -> None:
+        self.warmup_steps, self.lrf, self.progress = int(warmup_steps), float(lrf), progress
+        super().__init__(optimizer)
+
+    def factor(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return 0.01 + 0.99 * step / self.warmup_steps
+        return cosine_factor(self.progress(step), self.lrf)
+
+    def get_lr(self) -> list[float]:
+        factor = self.factor(self.last_epoch)
+        return [group.setdefault("initial_lr", group["lr"]) * factor for group in self.optimizer.param_groups]
+
+    def state_dict(self) -> dict:
+        return {k: v for k, v in super().state_dict().items() if k != "progress"}  # a function: not saved
+
+
+def epoch_progress(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
+    """Progress of a run of ``total_steps`` steps, counted after the warm-up."""
+    return lambda step: (step - warmup_steps) / max(total_steps - warmup_steps, 1)
+
+
+@dataclass
+class TimePlan:
+    """How many epochs fit in the time left, remade after every epoch; gives the progress of each step.
+
+    The cosine starts after the first epoch, once there is a time to plan with (use a warm-up of an epoch or
+    more). Epoch times are estimated from the latest epochs, the first left out when there are others (it
+    includes ``torch.compile``). Half an epoch (``margin``) is kept free at the end, since epochs vary.
+    Progress stays continuous when the plan changes: from the current step it goes on, steeper or flatter,
+    to 1 at the new planned end.
+
+    Args:
+        steps_per_epoch: optimiser steps in one epoch.
+        warmup_steps: steps of the warm-up, before the cosine starts.
+        max_epochs: an upper bound on the plan (``None``: only time bounds it).
+        margin: epochs kept free at the end of the budget.
+    """
+
+    steps_per_epoch: int
+    warmup_steps: int = 0
+    max_epochs: int | None = None
+    margin: float = 0.5
+    epoch_times: list[float] = field(default_factory=list)
+    planned_epochs: int | None = None
+    anchor_step: int = 0  # progress goes linearly from (anchor_step, anchor_progress) to (end_step, 1)
+    anchor_progress: float = 0.0
+    end_step: int | None = None
+
+    def progress(self, step: int) -> float:
+        if self.end_step is None:
+            return 0.0
+        span = max(self.end_step - self.anchor_step, 1)
+        return min(1.0, self.anchor_progress + (1 - self.anchor_progress) * (step - self.anchor_step) / span)
+
+    def typical_epoch_time(self) -> float:
+        times = self.epoch_times[1:] if len(self.epoch_times) > 1 else self.epoch_times
+        return max(sum(times[-3:]) / len(times[-3:]), 1e-6)
+
+    def replan(self, epochs_done: int, step: int, epoch_seconds: float, seconds_left: float) -> int:
+        """After ``epochs_done`` epochs (``step`` steps, the last epoch ``epoch_seconds`` long): the epochs to run."""
+        self.epoch_times.append(float(epoch_seconds))
+        more = max(0, math.floor(seconds_left / self.typical_epoch_time() - self.margin))
+        planned = epochs_done + more
+        if self.max_epochs is not None and self.max_epochs > 0:
+            planned = min(planned, self.max_epochs)
+        now = self.progress(step)
+        end = max(planned * self.steps_per_epoch, step)
+        if step < self.warmup_steps:  # the cosine starts after the warm-up, from 0
+            self.anchor_step, self.anchor_progress = self.warmup_steps, 0.0
+        else:
+            self.anchor_step, self.anchor_progress = step, now
+        self.end_step, self.planned_epochs = max(end, self.anchor_step), planned
+        return planned
+
+    def state_dict(self) -> dict:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        for key, value in state.items():
+            setattr(self, key, value)
+
+
+def ema_update(decay: float, warmup: bool = False) -> Callable:
+    """The averaging step of an exponential moving average of the weights (``torch.optim.swa_utils`` form).
+
+    With ``warmup`` the ``n``-th update uses ``min(decay, (1 + n) / (10 + n))``: the average starts by following
+    the weights closely and settles to ``decay``, instead of keeping the random initial weights for thousands of
+    steps (at decay 0.997, 22% of the average after 500 steps is still the first weights).
+    """
+
+    def update(average, current, n_averaged):
+        d = ((1 + n_averaged) / (10 + n_averaged)).clamp(max=decay) if warmup else decay  # no device sync
+        return average + (current - average) * (1 - d)
+
+    return update
