@@ -21,9 +21,10 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 
 install: $(VENV)/.installed
 
+# Lint, then the suite on every core (pytest-xdist); most tests run the command in-process.
 test: install
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto
 
 $(DIGITS):
 	$(BIN)/sedense digits $(DIGITS) --test-out $(DIGITS)-test

@@ -12,6 +12,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # several test processes share the cores: one thread each
+    import torch
+
+    torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"
+
 # Pure colours, so that a tiny model learns the classes in a few steps.
 COLOURS = {"cardboard": (200, 140, 60), "glass": (40, 180, 60), "metal": (60, 60, 220)}
 
@@ -138,6 +144,31 @@ def make_bad_corpus(root: Path) -> dict[str, list[Path]]:
     return {"good": good, "bad": bad, "truncated": [truncated]}
 
 
+def run_cli(args: list, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    """Run the ``sedense`` command in this process (``main``), in ``cwd``: the same code as the command, without
+    the seconds a new interpreter spends importing torch. Tests of signals, exit codes seen by a shell, resource
+    limits, several processes and the server use :func:`run_sedense` instead.
+    """
+    import contextlib
+    import io
+
+    from sedense.cli import main
+
+    out, err, code, before = io.StringIO(), io.StringIO(), 0, os.getcwd()
+    os.chdir(cwd)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                main([str(a) for a in args])
+            except SystemExit as stop:
+                code = stop.code if isinstance(stop.code, int) else 1
+    finally:
+        os.chdir(before)
+    if check and code:
+        raise AssertionError(f"sedense {' '.join(map(str, args))} exited {code}:\n{out.getvalue()}\n{err.getvalue()}")
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+
+
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory) -> Path:
     """A folder holding a tiny trained run (lightning_logs/version_0, 2 epochs) and its data, made once.
@@ -146,7 +177,7 @@ def trained_run(tmp_path_factory) -> Path:
     """
     root = tmp_path_factory.mktemp("trained")
     make_folder(root / "data", {"cardboard": 8, "glass": 8, "metal": 8})
-    run_sedense(["fit", *TINY, "--data.root", "data", "--trainer.max_epochs", "2"], root)
+    run_cli(["fit", *TINY, "--data.root", "data", "--trainer.max_epochs", "2"], root)
     return root
 
 

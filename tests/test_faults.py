@@ -14,7 +14,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ONE_THREAD, TINY, make_bad_corpus, make_folder, newest_run, read_csv, read_matrix, run_sedense
+from conftest import (
+    ONE_THREAD,
+    TINY,
+    make_bad_corpus,
+    make_folder,
+    newest_run,
+    read_csv,
+    read_matrix,
+    run_cli,
+    run_sedense,
+)
 from sedense.data import ImageFolderDataModule, check_image, load_image, scan_dataset
 from sedense.preprocessing import Preprocessing
 from sedense.runs import AtomicCheckpointIO
@@ -59,8 +69,8 @@ def test_a_file_broken_after_the_scan_never_stops_an_epoch(tmp_path):
 def test_fit_over_the_bad_corpus_lists_skipped_files_and_strict_refuses(tmp_path):
     corpus = make_bad_corpus(tmp_path / "data")
     args = ["fit", *TINY, "--data.root", "data", "--data.val_split", "0.25", "--trainer.max_epochs", "1"]
-    proc = run_sedense(args + ["--data.verify", "full"], tmp_path)
-    assert "Skipping 5 unusable file(s)" in proc.stderr
+    with pytest.warns(UserWarning, match=r"Skipping 5 unusable file\(s\)"):
+        run_cli(args + ["--data.verify", "full"], tmp_path)
     run = tmp_path / "lightning_logs" / "version_0"
     listed = {Path(r["path"]) for r in read_csv(run / "skipped_files.csv")}
     assert listed == {p.relative_to(tmp_path) for p in corpus["bad"] + corpus["truncated"]}
@@ -68,7 +78,7 @@ def test_fit_over_the_bad_corpus_lists_skipped_files_and_strict_refuses(tmp_path
     metrics = json.loads((run / "metrics.json").read_text(encoding="utf-8"))
     assert set(metrics["epoch:0"]["valid info"]) >= {"玻璃 glass", "metal can"}
 
-    strict = run_sedense(args + ["--data.strict", "true"], tmp_path, check=False)
+    strict = run_cli(args + ["--data.strict", "true"], tmp_path, check=False)
     assert strict.returncode == 2
     assert strict.stderr.strip().splitlines()[-1].startswith("sedense: error: data.strict: 4 file(s)")
 
@@ -88,7 +98,7 @@ def test_checkpoint_with_arbitrary_objects_is_refused_in_one_line(tmp_path):
     torch.save({"state_dict": {}, "payload": Path("x")}, tmp_path / "evil.ckpt")  # a pickled object
     make_folder(tmp_path / "data", {"cardboard": 4, "glass": 4})
     for sub in ("fit", "test"):
-        proc = run_sedense([sub, *TINY, "--data.root", "data", "--ckpt_path", "evil.ckpt"], tmp_path, check=False)
+        proc = run_cli([sub, *TINY, "--data.root", "data", "--ckpt_path", "evil.ckpt"], tmp_path, check=False)
         assert proc.returncode == 2, proc.stderr
         last = proc.stderr.strip().splitlines()[-1]
         assert last.startswith("sedense: error: --ckpt_path: evil.ckpt holds pickled Python objects (pathlib.")
@@ -97,7 +107,7 @@ def test_checkpoint_with_arbitrary_objects_is_refused_in_one_line(tmp_path):
 
 def test_nan_loss_stops_with_one_line(tmp_path):
     make_folder(tmp_path / "data", {"cardboard": 8, "glass": 8})
-    proc = run_sedense(
+    proc = run_cli(
         ["fit", *TINY, "--data.root", "data", "--model.optimizer", "sgd", "--model.lr", "1e30",
          "--trainer.max_epochs", "3"], tmp_path, check=False,
     )
@@ -120,9 +130,10 @@ def test_two_processes_on_tiny_data_train_count_every_image_once_and_match_one_p
     assert sum(map(sum, matrix)) == 2
 
     reports = {}
-    for name, extra in (("two", ddp), ("one", [])):
-        run_sedense(["validate", *base, *extra, "--ckpt_path", "best"], tmp_path, timeout=300, env=ONE_THREAD)
-        reports[name] = json.loads((newest_run(tmp_path) / "metrics_val.json").read_text())
+    run_sedense(["validate", *base, *ddp, "--ckpt_path", "best"], tmp_path, timeout=300, env=ONE_THREAD)
+    reports["two"] = json.loads((newest_run(tmp_path) / "metrics_val.json").read_text())
+    run_cli(["validate", *base, "--ckpt_path", "best"], tmp_path)
+    reports["one"] = json.loads((newest_run(tmp_path) / "metrics_val.json").read_text())
     assert reports["two"]["images"] == reports["one"]["images"] == 2
     assert reports["two"]["valid info"] == reports["one"]["valid info"]
     assert reports["two"]["loss"] == pytest.approx(reports["one"]["loss"], rel=1e-5)
@@ -167,7 +178,7 @@ def test_a_killed_run_resumes_in_its_folder_with_every_epoch_once(tmp_path):
     done = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["epoch"]
     assert done < 4
 
-    out = run_sedense([*args, "--ckpt_path", "last"], tmp_path)
+    out = run_cli([*args, "--ckpt_path", "last"], tmp_path)
     assert "Resuming" in out.stdout
     assert [p.name for p in (tmp_path / "lightning_logs").iterdir() if p.is_dir()] == ["version_0"]
     metrics = json.loads((run / "metrics.json").read_text(encoding="utf-8"))

@@ -15,11 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import make_bad_corpus, make_image, newest_run, run_sedense
+from conftest import PREDICT, make_bad_corpus, make_image, newest_run, run_cli
 from sedense.preprocessing import Preprocessing
 from sedense.serve import wait_until_healthy
-
-PREDICT = ["--data.num_workers", "0", "--trainer.enable_progress_bar", "false", "--trainer.accelerator", "cpu"]
 
 
 @pytest.fixture
@@ -27,8 +25,14 @@ def trained(trained_run) -> Path:
     return trained_run
 
 
+@pytest.fixture(scope="session")
+def onnx_export(trained_run) -> subprocess.CompletedProcess:
+    """The tiny model exported to ONNX once (the exporter takes seconds): `sedense export`'s output."""
+    return run_cli(["export", "--ckpt_path", "best", "--format", "onnx"], trained_run)
+
+
 def predict(root: Path, spec: str, *extra: str, ckpt: str = "best") -> tuple[Path, subprocess.CompletedProcess]:
-    proc = run_sedense(["predict", "--ckpt_path", ckpt, "--data.predict_root", spec, *PREDICT, *extra], root)
+    proc = run_cli(["predict", "--ckpt_path", ckpt, "--data.predict_root", spec, *PREDICT, *extra], root)
     return newest_run(root), proc
 
 
@@ -86,8 +90,9 @@ def test_annotate_sort_threshold_tta_and_explain(trained, tmp_path):
 
 
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
-def test_export_matches_pytorch(trained, fmt):
-    proc = run_sedense(["export", "--ckpt_path", "best", "--format", fmt], trained)
+def test_export_matches_pytorch(trained, fmt, request):
+    proc = (request.getfixturevalue("onnx_export") if fmt == "onnx"
+            else run_cli(["export", "--ckpt_path", "best", "--format", fmt], trained))
     diff = float(proc.stdout.split("largest logit difference ")[1].split()[0])
     assert diff <= 1e-4 and "same classes: yes" in proc.stdout
     export = trained / "lightning_logs" / "version_0" / "export"
@@ -95,8 +100,7 @@ def test_export_matches_pytorch(trained, fmt):
     assert Preprocessing.from_sidecar(export / "preprocessing.json").image_size == 16
 
 
-def test_onnx_predictions_equal_pytorch(trained):
-    run_sedense(["export", "--ckpt_path", "best", "--format", "onnx"], trained)
+def test_onnx_predictions_equal_pytorch(trained, onnx_export):
     torch_run, _ = predict(trained, "data")
     onnx_run, _ = predict(trained, "data", ckpt="lightning_logs/version_0/export/model.onnx")
     ours, theirs = rows(torch_run / "predictions.csv"), rows(onnx_run / "predictions.csv")

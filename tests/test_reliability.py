@@ -33,6 +33,7 @@ from conftest import (
     newest_run,
     read_csv,
     read_matrix,
+    run_cli,
     run_sedense,
     sedense_env,
 )
@@ -105,7 +106,7 @@ def test_an_interrupted_prediction_keeps_its_rows_and_the_same_command_continues
     kept = [json.loads(line) for line in (run / "predictions.partial.0.jsonl").read_text().splitlines()]
     assert len(kept) == 8
 
-    again = run_sedense(args, tmp_path)
+    again = run_cli(args, tmp_path)
     assert (f"Continuing the interrupted prediction in {run}: 8 of 20 images were predicted before it stopped; "
             "predicting the other 12") in again.stdout
     assert sorted(p.name for p in (tmp_path / "runs" / "lightning_logs").iterdir()) == ["version_0"]
@@ -115,7 +116,7 @@ def test_an_interrupted_prediction_keeps_its_rows_and_the_same_command_continues
         k["path"]: k["class"] for k in kept}
     assert not list(run.glob("predictions.partial.*"))
     # An uninterrupted run gives the same file.
-    whole = run_sedense(predict_args(best_checkpoint(trained_run), inbox, tmp_path / "whole"), tmp_path)
+    whole = run_cli(predict_args(best_checkpoint(trained_run), inbox, tmp_path / "whole"), tmp_path)
     assert whole.returncode == 0
     assert (tmp_path / "whole" / "lightning_logs" / "version_0" / "predictions.csv").read_text() == (
         run / "predictions.csv").read_text()
@@ -288,7 +289,7 @@ def read_only(folder: Path):
 def test_a_folder_without_write_permission_ends_in_one_line(trained_run, tmp_path):
     (tmp_path / "runs").mkdir()
     with read_only(tmp_path / "runs"):
-        proc = run_sedense(predict_args(best_checkpoint(trained_run), trained_run / "data", tmp_path / "runs"),
+        proc = run_cli(predict_args(best_checkpoint(trained_run), trained_run / "data", tmp_path / "runs"),
                            tmp_path, check=False)
     assert proc.returncode == 1, proc.stderr[-3000:]
     line = last_line(proc.stderr)

@@ -9,7 +9,7 @@ import torch
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 from torchmetrics.classification import MulticlassConfusionMatrix
 
-from conftest import TINY, make_folder, run_sedense
+from conftest import TINY, make_folder, run_cli
 from sedense.reports import MEAN_KEYS, class_metrics, format_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -78,7 +78,7 @@ def test_fit_reports_match_scikit_learn_on_predictions_of_the_best_checkpoint(tm
     names = ["cardboard", "glass", "metal"]
     data = make_folder(tmp_path / "photos", {"cardboard": 20, "glass": 12, "metal": 8})
     # A short, weak training run, so that the predictions are imperfect and the metrics non-trivial.
-    run_sedense(["fit", *TINY, "--data.root", str(data), "--trainer.max_epochs", "3",
+    run_cli(["fit", *TINY, "--data.root", str(data), "--trainer.max_epochs", "3",
                  "--trainer.limit_train_batches", "2", "--model.lr", "0.002"], cwd=tmp_path)
     run = tmp_path / "lightning_logs" / "version_0"
     for name in ("results.png", "confusion_matrix_train.png", "confusion_matrix_val.png",
@@ -109,7 +109,7 @@ def test_fit_reports_match_scikit_learn_on_predictions_of_the_best_checkpoint(tm
         target = copies / r["class"] / Path(r["path"]).name
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(r["path"], target)
-    run_sedense(["predict", "--ckpt_path", str(best), "--data.predict_root", str(copies),
+    run_cli(["predict", "--ckpt_path", str(best), "--data.predict_root", str(copies),
                  "--data.num_workers", "0", "--trainer.enable_progress_bar", "false"], cwd=tmp_path)
     pred_csv = max(tmp_path.glob("lightning_logs/version_*/predictions.csv"), key=lambda p: p.stat().st_mtime)
     with open(pred_csv, newline="") as f:
@@ -125,7 +125,7 @@ def test_fit_reports_match_scikit_learn_on_predictions_of_the_best_checkpoint(tm
     np.testing.assert_array_equal(matrix, cm)
 
     # `sedense test` writes the same report for its set and prints the table.
-    test = run_sedense(["test", *TINY, "--data.root", str(data), "--ckpt_path", str(best)], cwd=tmp_path)
+    test = run_cli(["test", *TINY, "--data.root", str(data), "--ckpt_path", str(best)], cwd=tmp_path)
     assert "macro avg" in test.stdout and "metrics_test.json" in test.stdout
     test_dir = max(tmp_path.glob("lightning_logs/version_*"), key=lambda p: int(p.name.split("_")[1]))
     report = json.loads((test_dir / "metrics_test.json").read_text())
@@ -135,7 +135,7 @@ def test_fit_reports_match_scikit_learn_on_predictions_of_the_best_checkpoint(tm
     if valid["accuracy"] < 1:
         assert_png(test_dir / "worst_test.png")
 
-    validate = run_sedense(["validate", *TINY, "--data.root", str(data), "--ckpt_path", str(best)], cwd=tmp_path)
+    validate = run_cli(["validate", *TINY, "--data.root", str(data), "--ckpt_path", str(best)], cwd=tmp_path)
     assert "val set: " in validate.stdout and "macro avg" in validate.stdout
     val_dir = max(tmp_path.glob("lightning_logs/version_*"), key=lambda p: int(p.name.split("_")[1]))
     validated = json.loads((val_dir / "metrics_val.json").read_text())["valid info"]

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from conftest import TINY, make_folder, run_sedense
+from conftest import TINY, make_folder, run_cli
 from sedense.data import ImageFolderDataModule
 from sedense.module import ImageClassifier, batch_mixer
 from sedense.preprocessing import Preprocessing
@@ -33,7 +33,7 @@ trainer:
 def test_mixup_cutmix_ema_cache_and_early_stopping_from_yaml(tmp_path):
     make_folder(tmp_path / "data", {"cardboard": 12, "glass": 6, "metal": 6})
     (tmp_path / "recipe.yaml").write_text(RECIPE)
-    run_sedense(["fit", "--config", "recipe.yaml", *TINY, "--data.root", "data"], tmp_path)
+    run_cli(["fit", "--config", "recipe.yaml", *TINY, "--data.root", "data"], tmp_path)
     run = tmp_path / "lightning_logs" / "version_0"
     # min_delta 1.0 can never be met: the first epoch sets the best score, the second runs out of patience.
     assert list(json.loads((run / "metrics.json").read_text())) == ["epoch:0", "epoch:1"]
@@ -76,7 +76,7 @@ def test_cache_gives_the_same_validation_tensors_as_decoding(tmp_path):
 )
 def test_bad_training_options_name_the_option(tmp_path, option, says):
     make_folder(tmp_path / "data", {"cardboard": 4, "glass": 4})
-    proc = run_sedense(["fit", *TINY, "--data.root", "data", option], tmp_path, check=False)
+    proc = run_cli(["fit", *TINY, "--data.root", "data", option], tmp_path, check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert says in proc.stderr
 
