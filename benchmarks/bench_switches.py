@@ -1,4 +1,4 @@
-"""Training images/s of the speed switches, side by side: fp32, channels-last, bf16 autocast, torch.compile.
+"""Training images/s of the speed switches, side by side: fp32, channels-last, bf16 autocast, torch.compile, both.
 
 Same model, batch and seed for each; timed alternately after warm-up (compilation is timed
 separately). Prints one JSON object.
@@ -22,8 +22,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile (needs a C++ compiler on CPU)")
+    parser.add_argument("--size", type=int, default=None, help="image side (default: 112, or 64 with --quick)")
     args = parser.parse_args()
     size, batch, repeats = (64, 16, 2) if args.quick else (112, 32, 4)
+    size = args.size or size
     overrides = {"block_config": [4, 4, 4]} if args.quick else {}
     device = "cuda" if torch.cuda.is_available() else "cpu"
     x = torch.randn(batch, 3, size, size, device=device)
@@ -31,6 +33,7 @@ def main() -> None:
     variants = {"fp32": (False, False, False), "channels_last": (True, False, False), "bf16": (True, True, False)}
     if not args.no_compile:
         variants["compile"] = (True, False, True)
+        variants["compile_bf16"] = (True, True, True)
     result = {"benchmark": "switches", "quick": args.quick, **device_info(), "image_size": size, "batch": batch}
     for name, (channels_last, bf16, compiled) in variants.items():
         torch.manual_seed(0)

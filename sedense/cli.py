@@ -32,6 +32,7 @@ from sedense.module import ImageClassifier
 from sedense.preprocessing import Preprocessing
 from sedense.runs import AtomicCheckpointIO, is_remote, join, resolve_ckpt_path, run_dir, run_version, runs_under, say
 from sedense.serve import serve_command
+from sedense.trainer import Trainer
 
 # Model options that change how a trained model evaluates, not what it is: a value given on the command line
 # wins over the checkpoint's.
@@ -337,6 +338,7 @@ def cli_main(args: list[str] | None = None, run: bool = True, guard: RunGuard | 
         ImageClassifier,
         ImageFolderDataModule,
         save_config_kwargs={"overwrite": True},
+        trainer_class=Trainer,  # Lightning's, with trainer.precision: auto
         seed_everything_default=0,
         auto_configure_optimizers=False,  # the optimiser and schedule are model options
         trainer_defaults={"callbacks": [RunFiles(), guard or RunGuard()]},

@@ -15,14 +15,14 @@ from lightning.pytorch.callbacks import Timer, WeightAveraging
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torchmetrics.classification import MulticlassAccuracy
-from torchvision.transforms import v2 as T
 
 from sedense.data.datasets import UNREADABLE
+from sedense.data.transforms import batch_mixer
 from sedense.errors import ConfigError, TrainingError
 from sedense.models import build_model
 from sedense.models.pretrained import load_backbone, load_official_state_dict, load_weights_file, safe_load
 from sedense.preprocessing import Preprocessing
-from sedense.schedule import TimePlan, WarmupCosine, ema_update, epoch_progress
+from sedense.schedule import TimePlan, WarmupCosine, ema_update, epoch_progress, progressive_size, resized
 
 
 class ImageClassifier(L.LightningModule):
@@ -70,6 +70,9 @@ class ImageClassifier(L.LightningModule):
             initial weights.
         channels_last: run convolutions in channels-last memory format (faster on recent CPUs
             and on GPUs with tensor cores).
+        progressive_resize: train on smaller images early: from this fraction of the input size, growing with
+            the schedule's progress to the full size at three quarters of the run, in steps of 16 px (a compiled
+            model compiles once per size); 1 turns it off.
         compile: compile the training forward pass with ``torch.compile`` (a slow first step, faster
             steps after it). Validation, test and prediction run eager: a second compilation for
             eval mode would cost more than it saves on a few hundred images.
@@ -106,6 +109,7 @@ class ImageClassifier(L.LightningModule):
         ema_decay: float | None = None,
         ema_warmup: bool = False,
         channels_last: bool = False,
+        progressive_resize: float = 1.0,
         compile: bool = False,
         tta: bool = False,
     ) -> None:
@@ -132,6 +136,8 @@ class ImageClassifier(L.LightningModule):
             raise ConfigError(f"model.ema_decay must be in (0, 1), e.g. 0.999; got {ema_decay}")
         if pretrained and weights:
             raise ConfigError("give model.pretrained or model.weights, not both")
+        if not 0 < progressive_resize <= 1:
+            raise ConfigError(f"model.progressive_resize must be in (0, 1], got {progressive_resize}")
         if schedule not in ("epochs", "time"):
             raise ConfigError(f"model.schedule must be epochs or time, got {schedule!r}")
         self.save_hyperparameters()
@@ -243,6 +249,10 @@ class ImageClassifier(L.LightningModule):
     def training_step(self, batch, batch_idx: int) -> dict:
         x, y = batch[0], batch[1]
         target = y
+        if self.hparams.progressive_resize < 1:
+            scheduler = self.lr_schedulers()
+            progress = scheduler.progress(self.global_step) if isinstance(scheduler, WarmupCosine) else 1.0
+            x = resized(x, progressive_size(x.shape[-1], self.hparams.progressive_resize, progress))
         if self.mix is not None:
             x, target = self.mix(x, y)
         logits = self(x)
@@ -334,10 +344,14 @@ class ImageClassifier(L.LightningModule):
             opt = torch.optim.AdamW(groups, lr=hp.lr)
         else:
             raise ConfigError(f"model.optimizer must be sgd, adam or adamw, got {hp.optimizer!r}")
+        if not math.isfinite(self.trainer.num_training_batches):
+            # What `estimated_stepping_batches` does for a run with an epoch count: load the training data to
+            # count its batches (an open-ended run, bounded by time only, would not otherwise load it yet).
+            self.trainer.fit_loop.setup_data()
         per_epoch = self.trainer.num_training_batches / max(self.trainer.accumulate_grad_batches, 1)
         warmup = int(round(hp.warmup_epochs * per_epoch)) if math.isfinite(per_epoch) else 0
         if hp.schedule == "time":
-            if self.trainer.max_time is None and not any(isinstance(c, Timer) for c in self.trainer.callbacks):
+            if self._timer() is None:  # Lightning adds its Timer for trainer.max_time
                 raise ConfigError("model.schedule: time needs a budget: set trainer.max_time, e.g. 00:00:58:00")
             max_epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else None
             if self.plan is None:  # a resumed run restored its plan in on_load_checkpoint
@@ -377,15 +391,3 @@ class ImageClassifier(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if "time_plan" in checkpoint:
             self.plan = TimePlan(**checkpoint["time_plan"])
-
-
-def batch_mixer(mixup_alpha: float, cutmix_alpha: float, num_classes: int):
-    """MixUp, CutMix or a random choice of the two per batch; ``None`` when both are off."""
-    mixers = []
-    if mixup_alpha > 0:
-        mixers.append(T.MixUp(alpha=mixup_alpha, num_classes=num_classes))
-    if cutmix_alpha > 0:
-        mixers.append(T.CutMix(alpha=cutmix_alpha, num_classes=num_classes))
-    if not mixers:
-        return None
-    return mixers[0] if len(mixers) == 1 else T.RandomChoice(mixers)

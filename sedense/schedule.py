@@ -18,6 +18,7 @@ import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
+import torch
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
@@ -131,3 +132,16 @@ def ema_update(decay: float, warmup: bool = False) -> Callable:
         return average + (current - average) * (1 - d)
 
     return update
+
+
+def progressive_size(full: int, start: float, progress: float) -> int:
+    """The training image side at ``progress``: from ``start * full`` to ``full`` at progress 0.75, in 16 px steps."""
+    scale = start + (1 - start) * min(max(progress, 0.0) / 0.75, 1.0)
+    return min(full, max(16, int(round(full * scale / 16)) * 16))
+
+
+def resized(x: torch.Tensor, size: int) -> torch.Tensor:
+    """A batch of images resized to ``size`` x ``size`` (antialiased), or ``x`` itself when it is that size already."""
+    if x.shape[-1] == size and x.shape[-2] == size:
+        return x
+    return torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)

@@ -32,3 +32,15 @@ class NanOnRank(L.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if trainer.global_rank == self.rank and trainer.global_step == self.step:
             batch[0][0].fill_(float("nan"))
+
+
+class SlowDown(L.Callback):
+    """A slower machine: every training batch takes ``seconds`` longer."""
+
+    def __init__(self, seconds: float = 0.05) -> None:
+        self.seconds = seconds
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        import time
+
+        time.sleep(self.seconds)

@@ -9,7 +9,8 @@ import torch
 
 from conftest import TINY, make_folder, run_cli
 from sedense.data import ImageFolderDataModule
-from sedense.module import ImageClassifier, batch_mixer
+from sedense.data.transforms import batch_mixer
+from sedense.module import ImageClassifier
 from sedense.preprocessing import Preprocessing
 
 RECIPE = """

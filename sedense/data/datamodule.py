@@ -58,7 +58,12 @@ class ImageFolderDataModule(L.LightningDataModule):
         vflip: probability of a vertical flip in training.
         rotation: maximum random rotation in training, in degrees (0: none).
         color_jitter: strength of brightness/contrast/saturation jitter in training (0: none).
-        trivial_augment: add TrivialAugmentWide to the training transform.
+        auto_augment: an automatic augmentation policy after the other training augmentations: ``trivial``
+            (TrivialAugmentWide: one random operation of random strength per image) or ``rand`` (RandAugment:
+            two random operations at magnitude 9).
+        train_image_size: train on random crops of this side and evaluate at the preprocessing's
+            ``image_size`` (a larger evaluation size than training size makes up for the zoom of random
+            crops: FixRes, Touvron et al. 2019). ``None``: the same size for both.
         cache: decode every training and validation image once into memory, pre-resized (the
             training images to a short side of the input size / sqrt(min crop scale), at most
             twice the input size; the validation images to their final crop), instead of decoding
@@ -85,7 +90,8 @@ class ImageFolderDataModule(L.LightningDataModule):
         vflip: float = 0.0,
         rotation: float = 0.0,
         color_jitter: float = 0.0,
-        trivial_augment: bool = False,
+        auto_augment: Literal["trivial", "rand"] | None = None,
+        train_image_size: int | None = None,
         cache: bool = False,
         verify: Literal["header", "full"] = "header",
         strict: bool = False,
@@ -97,6 +103,10 @@ class ImageFolderDataModule(L.LightningDataModule):
             raise DataError(f"data.batch_size must be positive, got {batch_size}")
         if verify not in ("header", "full"):
             raise DataError(f"data.verify must be header or full, got {verify!r}")
+        if auto_augment not in (None, "trivial", "rand"):
+            raise DataError(f"data.auto_augment must be trivial, rand or null, got {auto_augment!r}")
+        if train_image_size is not None and train_image_size < 1:
+            raise DataError(f"data.train_image_size must be positive, got {train_image_size}")
         self.save_hyperparameters(ignore=["preprocessing"])
         self.preprocessing = Preprocessing.from_dict(preprocessing)
         self.hparams["preprocessing"] = self.preprocessing.to_dict()  # plain numbers: checkpoints load weights-only
@@ -111,7 +121,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         self.predict_errors: list[tuple[Path, str]] = []  # inputs that could not be read, with why
         self._aug = dict(
             crop_scale=crop_scale, hflip=hflip, vflip=vflip, rotation=rotation,
-            color_jitter=color_jitter, trivial_augment=trivial_augment,
+            color_jitter=color_jitter, auto_augment=auto_augment,
         )
 
     # ----------------------------------------------------------------------------- discovery
@@ -161,7 +171,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         return list(module.class_names) if module is not None and getattr(module, "class_names", None) else None
 
     def train_transform(self) -> T.Compose:
-        return train_transform(self.preprocessing, **self._aug)
+        return train_transform(self.preprocessing, self.hparams.train_image_size, **self._aug)
 
     def eval_transform(self) -> T.Compose:
         return self.preprocessing.eval_transform()
@@ -170,7 +180,8 @@ class ImageFolderDataModule(L.LightningDataModule):
     def train_cache_side(self) -> int:
         """Short side of cached training images: crops of the smallest scale need no up-sampling."""
         smallest = max(float(self.hparams.crop_scale[0]), 0.25)
-        return int(round(self.preprocessing.image_size / smallest**0.5))
+        size = self.hparams.train_image_size or self.preprocessing.image_size
+        return int(round(size / smallest**0.5))
 
     def _fill_caches(self, *datasets: ImageListDataset) -> None:
         start, nbytes = time.perf_counter(), 0

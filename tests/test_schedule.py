@@ -1,0 +1,122 @@
+"""The learning-rate schedule and the time budget: every run ends at lr * lrf, on a fast machine and a slow one."""
+
+from __future__ import annotations
+
+import csv
+import math
+
+import pytest
+import torch
+
+from conftest import TINY, make_folder, newest_run, run_cli
+from sedense import trainer as sedense_trainer
+from sedense.schedule import TimePlan, WarmupCosine, cosine_factor, ema_update
+
+
+def simulate(epoch_seconds, budget: float, steps_per_epoch: int = 10, warmup_epochs: int = 1, lrf: float = 0.01):
+    """Run a plan against a clock: ``epoch_seconds(e)`` is how long epoch ``e`` takes. Returns the factors per step,
+    the epochs run and the seconds used."""
+    plan = TimePlan(steps_per_epoch, warmup_epochs * steps_per_epoch)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = WarmupCosine(opt, warmup_epochs * steps_per_epoch, lrf, plan.progress)
+    factors, used, epoch = [], 0.0, 0
+    while True:
+        for _ in range(steps_per_epoch):
+            factors.append(opt.param_groups[0]["lr"])
+            scheduler.step()
+        used += epoch_seconds(epoch)
+        epoch += 1
+        if epoch >= plan.replan(epoch, scheduler.last_epoch, epoch_seconds(epoch - 1), budget - used):
+            factors.append(opt.param_groups[0]["lr"])  # the rate the run ends with
+            return factors, epoch, used
+
+
+@pytest.mark.parametrize("machine, seconds", [("fast", 1.0), ("slow", 2.7)])
+def test_a_time_budget_ends_at_the_floor_within_the_budget(machine, seconds):
+    compile_first = lambda e: seconds * (6 if e == 0 else 1)  # noqa: E731 - the first epoch compiles
+    factors, epochs, used = simulate(compile_first, budget=100.0)
+    assert factors[-1] == pytest.approx(0.01)  # exactly lr * lrf at the end
+    assert used <= 100.0 < used + 1.5 * seconds  # within the budget, and no room for another epoch (and margin)
+    assert all(b <= a + 1e-12 for a, b in zip(factors[10:], factors[11:]))  # after the warm-up, never up again
+    assert epochs == 1 + math.floor((100 - 6 * seconds) / seconds - 0.5)  # more epochs on a faster machine
+
+
+def test_a_machine_that_slows_down_mid_run_still_ends_at_the_floor():
+    factors, epochs, used = simulate(lambda e: 1.0 if e < 20 else 3.0, budget=80.0)
+    assert factors[-1] == pytest.approx(0.01) and used <= 80.0
+    assert all(b <= a + 1e-12 for a, b in zip(factors[10:], factors[11:]))
+
+
+def test_an_unfrozen_group_follows_the_schedule_and_no_function_is_saved():
+    params = [torch.nn.Parameter(torch.zeros(1)) for _ in range(2)]
+    opt = torch.optim.AdamW([{"params": [params[0]]}], lr=0.1)
+    scheduler = WarmupCosine(opt, 0, 0.01, lambda step: step / 10)
+    for _ in range(5):
+        scheduler.step()
+    opt.add_param_group({"params": [params[1]], "lr": 0.0, "initial_lr": 0.01})  # as the finetuning callback does
+    scheduler.step()
+    assert opt.param_groups[1]["lr"] == pytest.approx(0.1 * opt.param_groups[0]["lr"])
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.1 * cosine_factor(0.6, 0.01))
+    assert "progress" not in scheduler.state_dict()
+
+
+def test_the_ema_warm_up_forgets_the_first_weights():
+    average, current = torch.zeros(3), torch.ones(3)
+    plain, warm = ema_update(0.997), ema_update(0.997, warmup=True)
+    assert torch.allclose(plain(average, current, torch.tensor(1)), torch.full((3,), 0.003))
+    assert torch.allclose(warm(average, current, torch.tensor(1)), torch.full((3,), 1 - 2 / 11))
+    assert torch.allclose(warm(average, current, torch.tensor(10**6)), plain(average, current, torch.tensor(10**6)))
+
+
+def results(run) -> list[dict]:
+    with open(run / "results.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_a_budgeted_run_ends_at_the_floor_and_a_slower_one_runs_fewer_epochs(tmp_path):
+    make_folder(tmp_path / "data", {"cardboard": 12, "glass": 12})
+    budget = ["--model.schedule", "time", "--trainer.max_time", "00:00:00:08", "--model.warmup_epochs", "1",
+              "--model.lr", "0.002", "--model.lrf", "0.01"]
+    run_cli(["fit", *TINY, "--data.root", "data", *budget], tmp_path)
+    fast = results(newest_run(tmp_path))
+    run_cli(["fit", *TINY, "--data.root", "data", *budget, "--trainer.callbacks+=inject.SlowDown",
+             "--trainer.callbacks.seconds=0.15"], tmp_path)
+    slow = results(newest_run(tmp_path))
+    for rows in (fast, slow):
+        assert float(rows[-1]["lr"]) == pytest.approx(0.002 * 0.01)  # the floor, on both machines
+        assert float(rows[-1]["time"]) <= 8.0
+        assert [float(r["time"]) for r in rows] == sorted(float(r["time"]) for r in rows)
+    assert len(slow) < len(fast)
+
+
+def test_a_resumed_budget_counts_the_time_already_spent(tmp_path):
+    make_folder(tmp_path / "data", {"cardboard": 12, "glass": 12})
+    budget = ["fit", *TINY, "--data.root", "data", "--model.schedule", "time", "--trainer.max_time", "00:00:00:08",
+              "--model.warmup_epochs", "1", "--model.lr", "0.002"]
+    stopped = run_cli([*budget, "--trainer.callbacks+=inject.InterruptAfter", "--trainer.callbacks.batches=12"],
+                      tmp_path, check=False)
+    assert stopped.returncode == 130
+    before = results(newest_run(tmp_path))
+    run_cli([*budget, "--ckpt_path", "last"], tmp_path)
+    rows = results(newest_run(tmp_path))
+    assert [int(r["epoch"]) for r in rows] == list(range(len(rows))) and len(rows) > len(before)
+    assert float(rows[-1]["lr"]) == pytest.approx(0.002 * 0.01)
+    assert float(rows[-1]["time"]) <= 8.0  # the time before the interruption counted
+
+
+@pytest.mark.parametrize("flags, expected", [({"avx512_bf16"}, "bf16-mixed"), ({"amx_bf16"}, "bf16-mixed"),
+                                             ({"avx512f", "avx2"}, "32-true")])
+def test_automatic_precision_follows_the_cpu(monkeypatch, flags, expected):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(sedense_trainer, "cpu_flags", lambda: flags)
+    precision, why = sedense_trainer.automatic_precision("auto")
+    assert precision == expected and ("emulated" in why) == (expected == "32-true")
+
+
+def test_precision_auto_says_what_it_chose(tmp_path):
+    make_folder(tmp_path / "data", {"cardboard": 6, "glass": 6})
+    out = run_cli(["fit", *TINY, "--data.root", "data", "--trainer.max_epochs", "1", "--trainer.precision", "auto"],
+                  tmp_path).stdout
+    precision, why = sedense_trainer.automatic_precision("cpu")
+    assert f"Precision: {precision}, chosen automatically: {why}" in out
+    assert not math.isnan(float(results(newest_run(tmp_path))[-1]["train_loss"]))
