@@ -44,8 +44,8 @@ def main() -> None:
     parser.add_argument("--num_workers", type=int, default=None, help="default: one per core, at most 8")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="sedense-bench-"))
-    root, described = dataset_root(args.data, tmp, args.quick)
     size, batch, batches = (112, 16, 4) if args.quick else (112, 32, 40)
+    root, described = dataset_root(args.data, tmp, args.quick, images=int((batches + 1) * batch / 0.8))
     workers = default_num_workers() if args.num_workers is None else args.num_workers
     common = dict(root=str(root), preprocessing=Preprocessing(size), batch_size=batch, num_workers=workers,
                   crop_scale=(0.35, 1.0), vflip=0.5, rotation=15, color_jitter=0.2)

@@ -58,8 +58,8 @@ def main() -> None:
     parser.add_argument("--data", default=None, help="an image folder (default: TrashNet if present, else synthetic)")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="sedense-bench-"))
-    root, described = dataset_root(args.data, tmp, args.quick)
     warmup, steps = (2, 6) if args.quick else (4, 36)
+    root, described = dataset_root(args.data, tmp, args.quick, images=int((warmup + steps + 1) * 32 / 0.8) + 60)
     options = [
         "--config", str(Path(__file__).resolve().parents[1] / "configs" / "trashnet_se_densenet.yaml"),
         "--data.root", str(root), "--trainer.default_root_dir", str(tmp),

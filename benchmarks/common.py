@@ -32,13 +32,53 @@ def photo_folder(root: Path, classes: int = 6, per_class: int = 40, size: tuple[
     return root
 
 
-def dataset_root(arg: str | None, tmp: Path, quick: bool) -> tuple[Path, str]:
-    """``--data`` if given, TrashNet if present (full mode), else a synthetic folder."""
+def dataset_root(arg: str | None, tmp: Path, quick: bool, images: int = 360) -> tuple[Path, str]:
+    """``--data`` if given, TrashNet if present (full mode), else a synthetic folder of at least ``images`` photos.
+
+    A fresh clone has no TrashNet: the synthetic folder is made as large as the benchmark needs.
+    """
     if arg:
         return Path(arg), arg
     if TRASHNET.is_dir() and not quick:
         return TRASHNET, "trashnet"
-    return photo_folder(tmp / "photos", per_class=20 if quick else 60), "synthetic 512x384 JPEGs"
+    per_class = 20 if quick else max(60, -(-images // 6))
+    return photo_folder(tmp / "photos", per_class=per_class), f"synthetic 512x384 JPEGs ({6 * per_class})"
+
+
+def _tiny_jpegs(job: tuple[str, int, int, int]) -> None:
+    folder, start, stop, size = job
+    rng = np.random.default_rng(start)
+    for i in range(start, stop):
+        pixels = rng.integers(0, 255, (size, size, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(f"{folder}/{i:07d}.jpg", quality=80)
+
+
+def tiny_folder(root: Path, files: int, classes: int = 10, size: int = 16, workers: int = 2) -> Path:
+    """``files`` tiny JPEGs (``size`` px) in ``classes`` class folders, written in parallel."""
+    from multiprocessing import Pool
+
+    jobs = []
+    for c in range(classes):
+        folder = root / f"class{c:02d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        share = files // classes + (c < files % classes)
+        jobs += [(str(folder), start, min(start + 5000, share), size) for start in range(0, share, 5000)]
+    with Pool(workers) as pool:
+        pool.map(_tiny_jpegs, jobs)
+    return root
+
+
+def untrained_checkpoint(path: Path, class_names: list[str], image_size: int, **model) -> Path:
+    """A sedense checkpoint of an untrained model: speed does not depend on the weights, so a fresh clone can
+    measure prediction without training first."""
+    from sedense.module import ImageClassifier
+    from sedense.preprocessing import Preprocessing
+
+    torch.manual_seed(0)
+    net = ImageClassifier(class_names=class_names, **model)
+    torch.save({"state_dict": net.state_dict(), "hyper_parameters": dict(net.hparams),
+                "datamodule_hyper_parameters": {"preprocessing": Preprocessing(image_size).to_dict()}}, path)
+    return path
 
 
 def peak_rss_mb() -> float:

@@ -23,8 +23,8 @@ from lightning.pytorch.utilities import rank_zero_only
 from sedense.callbacks import FreezeBackbone, PredictionWriter, ReportWriter
 from sedense.callbacks.prediction import STATE_FILE
 from sedense.callbacks.runfiles import RunFiles
-from sedense.data.datamodule import ImageFolderDataModule
-from sedense.data.folders import scan_dataset
+from sedense.data.datamodule import ImageFolderDataModule, dataset_classes
+from sedense.data.streaming import optimize_command
 from sedense.errors import STORAGE_ERRNOS, ConfigError, SedenseError, StorageError
 from sedense.export import export_command, load_exported, use_onnx
 from sedense.models.pretrained import official_weights, safe_load
@@ -174,8 +174,8 @@ class SedenseCLI(LightningCLI):
             cfg.ckpt_path = self.ckpt
         from_checkpoint = bool(self.ckpt or self.onnx_path) and bool(cfg.model.get("class_names"))
         if not from_checkpoint and cfg.data.get("root"):
-            data = cfg.data
-            cfg.model.class_names = scan_dataset(Path(data.root), data.val_split, data.seed, data.verify).class_names
+            # Folder names (or the chunks' metadata): the images are scanned once, later, by the first process.
+            cfg.model.class_names = dataset_classes(str(cfg.data.root), cfg.data.get("format", "folder"))
         if not from_checkpoint and cfg.model.get("pretrained"):
             # Pretrained weights come with their own preprocessing (normalisation, crop ratio).
             size = Preprocessing.from_dict(cfg.data.preprocessing).image_size
@@ -322,7 +322,8 @@ def digits_command(argv: list[str]) -> None:
     print(f"Wrote {n_train} images to {out}" + (f" and {n_test} held-out images to {test_out}" if test_out else ""))
 
 
-COMMANDS = {"digits": digits_command, "export": export_command, "serve": serve_command}
+COMMANDS = {"digits": digits_command, "export": export_command, "optimize": optimize_command,
+            "serve": serve_command}
 
 
 def cli_main(args: list[str] | None = None, run: bool = True, guard: RunGuard | None = None) -> SedenseCLI:

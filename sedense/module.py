@@ -378,8 +378,9 @@ class ImageClassifier(L.LightningModule):
         if self.plan is None or timer is None or self._epoch_start is None:
             return
         done = self.current_epoch + 1
-        planned = self.plan.replan(done, self.global_step, time.monotonic() - self._epoch_start,
-                                   timer.time_remaining() or 0.0)
+        # Every process plans from the first one's clock: the same epochs, and the same learning rates.
+        seconds, left = self.trainer.strategy.broadcast((time.monotonic() - self._epoch_start, timer.time_remaining()))
+        planned = self.plan.replan(done, self.global_step, seconds, left or 0.0)
         self.log("planned_epochs", float(planned), rank_zero_only=True)
         if done >= planned:
             self.trainer.should_stop = True

@@ -63,8 +63,10 @@ class TimePlan:
     """How many epochs fit in the time left, remade after every epoch; gives the progress of each step.
 
     The cosine starts after the first epoch, once there is a time to plan with (use a warm-up of an epoch or
-    more). Epoch times are estimated from the latest epochs, the first left out when there are others (it
-    includes ``torch.compile``). Half an epoch (``margin``) is kept free at the end, since epochs vary.
+    more). An epoch is planned at the *longest* of the latest three, the first left out when there are others
+    (it includes ``torch.compile``): on a machine whose speed varies (another program, a busy disk) the plan
+    keeps room for the slow epochs it has seen, not for the average one. Half such an epoch (``margin``) is
+    kept free at the end on top.
     Progress stays continuous when the plan changes: from the current step it goes on, steeper or flatter,
     to 1 at the new planned end.
 
@@ -93,7 +95,7 @@ class TimePlan:
 
     def typical_epoch_time(self) -> float:
         times = self.epoch_times[1:] if len(self.epoch_times) > 1 else self.epoch_times
-        return max(sum(times[-3:]) / len(times[-3:]), 1e-6)
+        return max(max(times[-3:]), 1e-6)
 
     def replan(self, epochs_done: int, step: int, epoch_seconds: float, seconds_left: float) -> int:
         """After ``epochs_done`` epochs (``step`` steps, the last epoch ``epoch_seconds`` long): the epochs to run."""

@@ -51,7 +51,7 @@ class UploadDecoder:
             raise ValueError(reason)
         try:
             return np.asarray(self.geometry(load_image(io.BytesIO(data))), dtype=np.uint8)
-        except Exception as err:
+        except Exception as err:  # noqa: BLE001 - any decoder failure is a bad upload
             raise ValueError(f"cannot be decoded ({type(err).__name__}: {err})") from None
 
 

@@ -6,11 +6,15 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+
+# The scan index is a cache outside the project: the tests keep theirs in a temporary folder.
+os.environ.setdefault("SEDENSE_CACHE", tempfile.mkdtemp(prefix="sedense-test-cache-"))
 
 if os.environ.get("PYTEST_XDIST_WORKER"):  # several test processes share the cores: one thread each
     import torch

@@ -17,11 +17,28 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2 as T
 
 from sedense.data.datasets import UNLABELLED, EvalSampler, ImageListDataset
-from sedense.data.folders import Split, match_classes, scan_class_folders, scan_dataset
+from sedense.data.folders import Split, list_classes, match_classes, scan_class_folders, scan_dataset
 from sedense.data.images import filter_images, resolve_inputs
+from sedense.data.streaming import StreamingImages, collate_present, read_split
 from sedense.data.transforms import train_transform
 from sedense.errors import DataError
 from sedense.preprocessing import Preprocessing
+from sedense.runs import is_remote
+
+
+def available_memory() -> float:
+    """Bytes of memory available to new allocations (Linux ``MemAvailable``; elsewhere the total, or 8 GB)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return float(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    try:
+        return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return 8.0 * 2**30
 
 
 def default_num_workers() -> int:
@@ -67,12 +84,17 @@ class ImageFolderDataModule(L.LightningDataModule):
         cache: decode every training and validation image once into memory, pre-resized (the
             training images to a short side of the input size / sqrt(min crop scale), at most
             twice the input size; the validation images to their final crop), instead of decoding
-            the full-size files again every epoch. For datasets that fit in RAM.
+            the full-size files again every epoch. The size is estimated first: what does not fit
+            under ``cache_limit_gb`` is decoded when used, with a warning.
+        cache_limit_gb: the memory the cache may take, per process; ``None``: half of the memory
+            available when the run starts.
         verify: how files are checked when the dataset is scanned: ``header`` opens each file
             and reads its size (cheap; finds empty, non-image, unsupported and oversized files),
             ``full`` decodes every image (finds truncated files too). Unusable files are left
             out, counted in one warning and listed in ``skipped_files.csv`` in the run directory.
         strict: stop with an error naming the first unusable file instead of skipping them.
+        format: ``folder`` (``root`` holds the images) or ``litdata`` (``root`` holds the chunks that
+            ``sedense optimize`` wrote, locally or at an ``s3://`` URI; see ``sedense.data.streaming``).
     """
 
     def __init__(
@@ -93,8 +115,10 @@ class ImageFolderDataModule(L.LightningDataModule):
         auto_augment: Literal["trivial", "rand"] | None = None,
         train_image_size: int | None = None,
         cache: bool = False,
+        cache_limit_gb: float | None = None,
         verify: Literal["header", "full"] = "header",
         strict: bool = False,
+        format: Literal["folder", "litdata"] = "folder",
     ) -> None:
         super().__init__()
         if not 0 <= val_split < 1:
@@ -107,10 +131,18 @@ class ImageFolderDataModule(L.LightningDataModule):
             raise DataError(f"data.auto_augment must be trivial, rand or null, got {auto_augment!r}")
         if train_image_size is not None and train_image_size < 1:
             raise DataError(f"data.train_image_size must be positive, got {train_image_size}")
+        if format not in ("folder", "litdata"):
+            raise DataError(f"data.format must be folder or litdata, got {format!r}")
+        if format == "litdata" and cache:
+            raise DataError("data.cache keeps decoded images of a folder; LitData streams its chunks: drop data.cache")
+        if format == "folder" and root and is_remote(root):
+            raise DataError(f"data.root: {root} is remote; image folders are read from a local disk: write it as "
+                            "chunks with `sedense optimize` and train with --data.format litdata")
         self.save_hyperparameters(ignore=["preprocessing"])
         self.preprocessing = Preprocessing.from_dict(preprocessing)
         self.hparams["preprocessing"] = self.preprocessing.to_dict()  # plain numbers: checkpoints load weights-only
-        self.root = Path(root) if root else None
+        self.root = (root if is_remote(root) else Path(root)) if root else None
+        self.streaming = format == "litdata"
         self.test_root = Path(test_root) if test_root else None
         self.predict_root = Path(predict_root) if predict_root else None
         self.num_workers = default_num_workers() if num_workers is None else num_workers
@@ -131,10 +163,35 @@ class ImageFolderDataModule(L.LightningDataModule):
         if self._split is None:
             if self.root is None:
                 raise DataError("data.root is not set: give the labelled image folder (one sub-folder per class)")
-            hp = self.hparams
-            self._split = scan_dataset(self.root, hp.val_split, hp.seed, hp.verify)
+            self._split = self._scan_once()
             self._report_skipped(self._split.skipped, str(self.root))
         return self._split
+
+    def _scan_once(self) -> Split:
+        """The split, scanned by the first process only and shared with the others (also a scan's error)."""
+        if self.streaming:
+            return read_split(str(self.root))
+        trainer = self.trainer
+        shared = trainer is not None and trainer.world_size > 1 and torch.distributed.is_initialized()
+        if not shared:
+            return self._scan()
+        try:
+            result = self._scan() if trainer.is_global_zero else None
+        except DataError as err:
+            result = err
+        result = trainer.strategy.broadcast(result)
+        if isinstance(result, DataError):
+            raise result
+        return result
+
+    def _scan(self) -> Split:
+        hp, start = self.hparams, time.perf_counter()
+        split = scan_dataset(self.root, hp.val_split, hp.seed, hp.verify)
+        files = len(split.train) + len(split.val) + len(split.test) + len(split.skipped)
+        # Printed by the process that scans, which is the first one alone when several train together.
+        print(f"Scanned {files:,} files of {len(split.class_names)} classes under {self.root} in "
+              f"{time.perf_counter() - start:.1f} s", flush=True)
+        return split
 
     def _report_skipped(self, skipped: list[tuple[Path, str]], where: str) -> None:
         if not skipped:
@@ -183,11 +240,27 @@ class ImageFolderDataModule(L.LightningDataModule):
         size = self.hparams.train_image_size or self.preprocessing.image_size
         return int(round(size / smallest**0.5))
 
+    def cache_limit(self) -> float:
+        """Bytes the image cache may hold: ``cache_limit_gb``, or half the memory available now."""
+        if self.hparams.cache_limit_gb is not None:
+            return self.hparams.cache_limit_gb * 2**30
+        return available_memory() / 2
+
     def _fill_caches(self, *datasets: ImageListDataset) -> None:
-        start, nbytes = time.perf_counter(), 0
+        """Cache every image that fits under the limit; say how many did not (they are decoded when used)."""
+        start, nbytes, limit = time.perf_counter(), 0, self.cache_limit()
+        estimates = [d.estimate_cache_bytes() for d in datasets]
+        need = sum(estimates)
+        share = min(1.0, limit / need) if need > 0 else 1.0
+        if share < 1.0:
+            rank_zero_warn(
+                f"data.cache: the decoded images would take about {need / 2**30:.1f} GB, over the limit of "
+                f"{limit / 2**30:.1f} GB (data.cache_limit_gb; by default half the free memory): caching "
+                f"{share:.0%} of them, decoding the rest when used"
+            )
         for dataset in datasets:
-            nbytes += dataset.fill_cache()
-        n = sum(len(d) for d in datasets)
+            nbytes += dataset.fill_cache(int(len(dataset) * share))
+        n = sum(int(len(d) * share) for d in datasets)
         rank_zero_info(f"Cached {n} decoded images ({nbytes / 2**20:.0f} MB) in {time.perf_counter() - start:.1f} s")
 
     def setup(self, stage: str) -> None:
@@ -199,7 +272,10 @@ class ImageFolderDataModule(L.LightningDataModule):
                 raise DataError("data.val_split is 0 and there is no val/ folder: nothing to validate on")
             train = [(p, index[c]) for p, c in split.train]
             val = [(p, index[c]) for p, c in split.val]
-            if self.hparams.cache:
+            if self.streaming:
+                self.train_set = self._streaming("train", split.train, self.train_transform(), evaluation=False)
+                self.val_set = self._streaming("val", split.val, self.eval_transform())
+            elif self.hparams.cache:
                 self.train_set = ImageListDataset(train, self.train_transform(), T.Resize(self.train_cache_side()))
                 pre = self.preprocessing
                 self.val_set = self._eval_set(val, pre.normalize(), pre.eval_geometry())
@@ -207,6 +283,11 @@ class ImageFolderDataModule(L.LightningDataModule):
             else:
                 self.train_set = ImageListDataset(train, self.train_transform())
                 self.val_set = self._eval_set(val, self.eval_transform())
+        elif stage == "test" and self.streaming and self.test_root is None:
+            split = self.split
+            self._check_model_classes(split.class_names)
+            subset = "test" if split.test else "val"
+            self.test_set = self._streaming(subset, getattr(split, subset), self.eval_transform())
         elif stage == "test":
             self.test_set = self._eval_set(self._test_samples(), self.eval_transform())
         elif stage == "predict":
@@ -231,6 +312,10 @@ class ImageFolderDataModule(L.LightningDataModule):
         """
         self.predict_pending = [p for p in self.predict_files if str(p) not in done]
         return len(self.predict_files) - len(self.predict_pending)
+
+    def _streaming(self, subset: str, pairs: list, transform, evaluation: bool = True):
+        return StreamingImages(str(self.root), subset, [p for p, _ in pairs], transform, evaluation,
+                               self.preprocessing.image_size)
 
     def _eval_set(self, samples: list[tuple[Path, int]], transform, prepare=None) -> ImageListDataset:
         """Evaluation never substitutes a broken image with another (that would count one twice): it marks it."""
@@ -263,6 +348,11 @@ class ImageFolderDataModule(L.LightningDataModule):
         return [(p, index[c]) for p, c in pairs]
 
     def _loader(self, dataset: Dataset, shuffle: bool = False, drop_last: bool = False) -> DataLoader:
+        if isinstance(dataset, StreamingImages):  # LitData shards, shuffles and resumes its streams itself
+            from litdata import StreamingDataLoader
+
+            return StreamingDataLoader(dataset, batch_size=self.hparams.batch_size, num_workers=self.num_workers,
+                                       collate_fn=collate_present)
         sampler = None
         if not shuffle and torch.distributed.is_available() and torch.distributed.is_initialized():
             sampler = EvalSampler(dataset)  # every image once, the same number of batches on every process
@@ -292,3 +382,8 @@ class ImageFolderDataModule(L.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         return self._loader(self._eval_set([(p, UNLABELLED) for p in self.predict_pending], self.eval_transform()))
+
+
+def dataset_classes(root: str, format: str = "folder") -> list[str]:
+    """The classes of the data at ``root``, without reading its images (for the model, before the scan)."""
+    return read_split(root).class_names if format == "litdata" else list_classes(Path(root))

@@ -63,15 +63,27 @@ class ImageListDataset(Dataset):
     def _decode_or_none(self, index: int) -> Image.Image | None:
         try:
             return self._decode(index)
-        except Exception:
+        except Exception:  # noqa: BLE001 - decoded again, and reported, when the sample is used
             return None
 
-    def fill_cache(self, threads: int = 4) -> int:
-        """Decode and prepare every image into memory; returns the bytes held."""
+    def fill_cache(self, count: int | None = None, threads: int = 4) -> int:
+        """Decode and prepare the first ``count`` images (all by default) into memory; returns the bytes held.
+
+        Images past ``count`` are decoded when used, as without a cache.
+        """
         if self.cache is None:
+            count = len(self) if count is None else max(0, min(count, len(self)))
             with ThreadPoolExecutor(threads) as pool:  # decoding and resizing release the GIL
-                self.cache = list(pool.map(self._decode_or_none, range(len(self))))
+                self.cache = list(pool.map(self._decode_or_none, range(count))) + [None] * (len(self) - count)
         return sum(img.width * img.height * len(img.getbands()) for img in self.cache if img is not None)
+
+    def estimate_cache_bytes(self, sample: int = 64) -> float:
+        """The memory the prepared images would take, estimated from up to ``sample`` of them, evenly spread."""
+        if not len(self):
+            return 0.0
+        picks = range(0, len(self), max(1, len(self) // sample))
+        sizes = [img.width * img.height * len(img.getbands()) for img in map(self._decode_or_none, picks) if img]
+        return sum(sizes) / max(len(sizes), 1) * len(self)
 
     def _item(self, index: int):
         img = self.cache[index] if self.cache is not None else None
@@ -90,13 +102,13 @@ class ImageListDataset(Dataset):
                 return self._blank(), PADDING, -1
             try:
                 return (*self._item(index), index)
-            except Exception:
+            except Exception:  # noqa: BLE001 - any decoder failure is a bad file: marked, never counted
                 return self._blank(), UNREADABLE, index
         for attempt in range(min(len(self), 10)):
             i = (index + attempt) % len(self)
             try:
                 return self._item(i)
-            except Exception as err:
+            except Exception as err:  # noqa: BLE001 - any decoder failure is a bad file, not a bad run
                 warnings.warn(
                     f"{self.samples[i][0]}: cannot be read ({type(err).__name__}: {err}); another image takes its "
                     "place (data.verify: full finds such files before training)",
@@ -109,7 +121,7 @@ def unreadable_reason(path: Path) -> str:
     """Why ``path`` cannot be decoded now (for the list of skipped files)."""
     try:
         load_image(path).load()
-    except Exception as err:
+    except Exception as err:  # noqa: BLE001 - the reason, whatever the decoder raises
         return f"cannot be decoded ({type(err).__name__}: {err})"
     return "could not be decoded when it was used"
 

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import functools
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from sedense.data.images import IMG_EXTENSIONS, filter_images, list_images
+from sedense.data.index import ScanIndex
 from sedense.errors import DataError
 
 
@@ -18,11 +18,13 @@ def scan_class_folders(
     min_classes: int = 2,
     verify: str = "header",
     skipped: list[tuple[Path, str]] | None = None,
+    use_index: bool = True,
 ) -> dict[str, list[Path]]:
     """Map each class (a sub-folder of ``root``) to its usable images; raise ``DataError`` on bad layouts.
 
     A training set needs two classes; a test set (``min_classes=1``) may hold a few of them.
-    Files that fail :func:`check_image` are left out and appended to ``skipped``.
+    Files that fail :func:`check_image` are left out and appended to ``skipped``. Files unchanged since an
+    earlier scan are not opened again (:class:`~sedense.data.index.ScanIndex`).
     """
     if not root.is_dir():
         raise DataError(f"{what}: folder {root} does not exist")
@@ -32,11 +34,12 @@ def scan_class_folders(
             f"{what}: {root} has no class sub-folders; put the images of each class in a folder named after it"
         )
     classes = {}
-    for d in class_dirs:
-        good, bad = filter_images(list_images(d), verify)
-        classes[d.name] = good
-        if skipped is not None:
-            skipped.extend(bad)
+    with ScanIndex(root, enabled=use_index) as index:
+        for d in class_dirs:
+            good, bad = filter_images(list_images(d), verify, index)
+            classes[d.name] = good
+            if skipped is not None:
+                skipped.extend(bad)
     if not any(classes.values()):
         raise DataError(f"{what}: no images found under {root} (extensions: {', '.join(IMG_EXTENSIONS)})")
     empty = [name for name, files in classes.items() if not files]
@@ -87,19 +90,29 @@ def match_classes(found: dict[str, list[Path]], class_names: Sequence[str], fold
     return sorted((p, c) for c, files in found.items() for p in files)
 
 
+def list_classes(root: Path) -> list[str]:
+    """The class names under ``root`` (sorted folder names; ``train/``'s in a train/val layout), no file opened."""
+    root = Path(root)
+    base = root / "train" if (root / "train").is_dir() and (root / "val").is_dir() else root
+    if not base.is_dir():
+        raise DataError(f"data.root: folder {root} does not exist")
+    names = sorted(d.name for d in base.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not names:
+        raise DataError(
+            f"data.root: {base} has no class sub-folders; put the images of each class in a folder named after it"
+        )
+    return names
+
+
 def scan_dataset(root: Path, val_split: float, seed: int, verify: str = "header") -> Split:
-    """Find the classes and files under ``root`` and split them; cached, so a process scans a folder once.
+    """Find the classes and files under ``root`` and split them.
 
     ``root`` holding ``train/`` and ``val/`` (and optionally ``test/``) is used as given;
     otherwise every sub-folder is a class, split by :func:`stratified_split`. Every file is
     checked with :func:`check_image` (``verify``); the unusable ones are listed in ``skipped``.
-    Paths are given as ``root`` is (relative stays relative); the cache knows which folder it was.
+    Paths are given as ``root`` is (relative stays relative).
     """
-    return _scan_dataset(Path(root), Path(root).resolve(), val_split, seed, verify)
-
-
-@functools.lru_cache(maxsize=8)
-def _scan_dataset(root: Path, where: Path, val_split: float, seed: int, verify: str) -> Split:
+    root = Path(root)
     skipped: list[tuple[Path, str]] = []
     if not root.is_dir():
         raise DataError(f"data.root: folder {root} does not exist")
@@ -125,6 +138,3 @@ def _scan_dataset(root: Path, where: Path, val_split: float, seed: int, verify: 
     classes = scan_class_folders(root, verify=verify, skipped=skipped)
     train, val = stratified_split(classes, val_split, seed)
     return Split(sorted(classes), train, val, [], skipped)
-
-
-scan_dataset.cache_clear = _scan_dataset.cache_clear  # type: ignore[attr-defined]

@@ -58,10 +58,32 @@ def check_image(path: Path | BinaryIO, verify: str = "header") -> str | None:
     return None
 
 
-def filter_images(paths: Sequence[Path], verify: str = "header") -> tuple[list[Path], list[tuple[Path, str]]]:
-    """Split ``paths`` into usable images and ``(path, reason)`` for the rest (checked in parallel)."""
+def filter_images(
+    paths: Sequence[Path], verify: str = "header", index=None
+) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """Split ``paths`` into usable images and ``(path, reason)`` for the rest (checked in parallel).
+
+    With ``index`` (a :class:`~sedense.data.index.ScanIndex`), files that have not changed since they were last
+    checked are not opened again: only their size and modification time are read.
+    """
+    reasons: list[str | None] = [None] * len(paths)
+    todo: list[tuple[int, os.stat_result | None]] = []
+    for i, path in enumerate(paths):
+        try:
+            stat = os.stat(path) if index is not None else None
+        except OSError:
+            stat = None  # a broken link, or gone: the check says why
+        cached = index.lookup(path, stat, verify) if stat is not None else None
+        if cached is None:
+            todo.append((i, stat))
+        else:
+            reasons[i] = cached or None
     with ThreadPoolExecutor(8) as pool:
-        reasons = list(pool.map(lambda p: check_image(p, verify), paths))
+        checked = list(pool.map(lambda item: check_image(paths[item[0]], verify), todo))
+    for (i, stat), reason in zip(todo, checked):
+        reasons[i] = reason
+        if index is not None:
+            index.record(paths[i], stat, verify, reason)
     good = [p for p, r in zip(paths, reasons) if r is None]
     bad = [(p, r) for p, r in zip(paths, reasons) if r is not None]
     return good, bad

@@ -71,7 +71,7 @@ def load_official_state_dict(arch: str) -> dict[str, torch.Tensor]:
         return safe_load(path, "model.pretrained")
     try:
         return torch.hub.load_state_dict_from_url(weights.url, progress=True, check_hash=True, weights_only=True)
-    except Exception as err:
+    except Exception as err:  # noqa: BLE001 - URLError, timeouts, SSL, hash mismatch: one message for all
         reason = first_line(err)
         raise WeightsNotFoundError(
             f"pretrained weights for {arch} are not in the cache and could not be downloaded ({reason}); "
@@ -97,7 +97,7 @@ def safe_load(path: str | Path, option: str, mmap: bool = False, trusted: bool =
             "only plain tensors and numbers unless told to trust a file, since unpickling can run any code; "
             "if you made this checkpoint yourself, add --weights_only false"
         ) from None
-    except Exception as err:
+    except Exception as err:  # noqa: BLE001 - corrupt file, not a torch file
         raise ConfigError(f"{option}: cannot read {path} as a weights or checkpoint file ({first_line(err)})") from None
 
 

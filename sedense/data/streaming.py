@@ -1,0 +1,188 @@
+"""A labelled folder in LitData's streaming format: written once by ``sedense optimize``, read by the DataModule.
+
+``sedense optimize --data.root photos/ --output chunks/`` scans and splits the folder exactly as training does
+(the same classes, the same seeded 80/20 split, the same skipped files) and writes ``chunks/train``,
+``chunks/val`` (and ``chunks/test``) as LitData chunks, each sample holding the original file's bytes, its
+class and its place in the split, beside ``class_indices.json``, ``split.csv``, ``skipped_files.csv`` and
+``sedense.json``. ``--data.format litdata --data.root chunks/`` (a local folder, or an ``s3://`` URI on a
+machine with credentials) then trains, validates and tests from them through ``StreamingDataset`` and
+``StreamingDataLoader``, with the same augmentations and reports: images are decoded in the loader's workers
+as they would be from files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from lightning.fabric.utilities.cloud_io import get_filesystem
+from torch.utils.data import default_collate
+
+from sedense.data.datasets import UNREADABLE
+from sedense.data.folders import Split, scan_dataset
+from sedense.data.images import load_image
+from sedense.errors import DataError, SedenseError
+from sedense.runs import file_list_csv, is_remote, join, write_file
+
+META = "sedense.json"
+SUBSETS = ("train", "val", "test")
+
+
+def require_litdata():
+    try:
+        import litdata
+    except ImportError:
+        raise SedenseError("streaming datasets need LitData: pip install 'sedense[stream]'") from None
+    return litdata
+
+
+def _sample(item: tuple[str, int, int]) -> dict:
+    """One sample of the chunks: the file's bytes, its class index and its position in the subset."""
+    path, label, position = item
+    return {"image": Path(path).read_bytes(), "label": int(label), "position": int(position)}
+
+
+def split_csv(split: Split) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["path", "class", "subset"])
+    for subset in SUBSETS:
+        writer.writerows((str(p), c, subset) for p, c in getattr(split, subset))
+    return out.getvalue()
+
+
+def optimize_folder(root: Path, output: str, val_split: float = 0.2, seed: int = 42, verify: str = "header",
+                    chunk_bytes: str = "64MB", num_workers: int | None = None) -> Split:
+    """Write the labelled folder ``root`` as LitData chunks under ``output``; returns the split it wrote."""
+    litdata = require_litdata()
+    fs = get_filesystem(output)
+    if fs.exists(output) and fs.ls(output):
+        raise DataError(f"--output {output} already holds files; give an empty or new folder")
+    split = scan_dataset(Path(root), val_split, seed, verify)
+    index = {c: i for i, c in enumerate(split.class_names)}
+    counts = {}
+    for subset in SUBSETS:
+        pairs = getattr(split, subset)
+        if not pairs:
+            continue
+        inputs = [(str(p), index[c], i) for i, (p, c) in enumerate(pairs)]
+        litdata.optimize(fn=_sample, inputs=inputs, output_dir=str(join(output, subset)), chunk_bytes=chunk_bytes,
+                         num_workers=num_workers or min(8, len(inputs)), reorder_files=False, verbose=False)
+        counts[subset] = len(pairs)
+    write_file(join(output, "class_indices.json"),
+               json.dumps({str(i): c for i, c in enumerate(split.class_names)}, indent=2, ensure_ascii=False))
+    write_file(join(output, "split.csv"), split_csv(split))
+    write_file(join(output, "skipped_files.csv"), file_list_csv(split.skipped))
+    write_file(join(output, META), json.dumps({"format": 1, "classes": split.class_names, "subsets": counts,
+                                               "source": str(root), "val_split": val_split, "seed": seed}, indent=2))
+    return split
+
+
+def read_split(root: str) -> Split:
+    """The classes and split that ``sedense optimize`` wrote beside the chunks in ``root``."""
+    fs = get_filesystem(root)
+    try:
+        with fs.open(str(join(root, META)), "r") as f:
+            meta = json.load(f)
+        with fs.open(str(join(root, "split.csv")), "r", newline="") as f:
+            rows = list(csv.DictReader(f))
+        skipped = []
+        if fs.exists(str(join(root, "skipped_files.csv"))):
+            with fs.open(str(join(root, "skipped_files.csv")), "r", newline="") as f:
+                skipped = [(r["path"], r["reason"]) for r in csv.DictReader(f)]
+    except (OSError, ValueError, KeyError) as err:
+        raise DataError(
+            f"data.root: {root} is not a folder written by `sedense optimize` ({err}); "
+            "write one with: sedense optimize --data.root photos/ --output chunks/"
+        ) from None
+    subsets = {s: [(r["path"], r["class"]) for r in rows if r["subset"] == s] for s in SUBSETS}
+    return Split(list(meta["classes"]), subsets["train"], subsets["val"], subsets["test"], skipped)
+
+
+class DecodeSample:
+    """A chunk sample → ``(image, target)`` for training, ``(image, target, position)`` for evaluation.
+
+    A sample that fails to decode never stops an epoch. Evaluation marks it ``UNREADABLE`` (left out of the
+    scores and listed, as with folders); training drops it from its batch, with a warning naming the file
+    (:func:`collate_present`). A callable object, so that the loader's workers can receive it.
+    """
+
+    def __init__(self, transform: Callable, evaluation: bool, blank_size: int, paths: list) -> None:
+        self.transform, self.evaluation, self.blank_size, self.paths = transform, evaluation, blank_size, paths
+
+    def __call__(self, sample: dict):
+        try:
+            image = self.transform(load_image(io.BytesIO(sample["image"])))
+            target = int(sample["label"])
+        except Exception as err:  # noqa: BLE001 - any decoder failure is a bad file, not a bad run
+            if not self.evaluation:
+                warnings.warn(f"{self.paths[int(sample['position'])]}: cannot be read ({type(err).__name__}: "
+                              f"{err}); left out of its batch", stacklevel=2)
+                return None
+            image, target = torch.zeros(3, self.blank_size, self.blank_size), UNREADABLE
+        return (image, target, int(sample["position"])) if self.evaluation else (image, target)
+
+
+def collate_present(samples: list):
+    """The default collation of the samples that decoded (training drops the others)."""
+    present = [s for s in samples if s is not None]
+    if not present:
+        raise DataError("a whole training batch of the chunks cannot be decoded; check the source images")
+    return default_collate(present)
+
+
+try:  # the `stream` extra is optional
+    from litdata import StreamingDataset as _StreamingBase
+except ImportError:
+    _StreamingBase = object
+
+
+class StreamingImages(_StreamingBase):
+    """LitData's ``StreamingDataset`` over one subset's chunks, its samples decoded by :class:`DecodeSample`.
+
+    Evaluation keeps every sample (``drop_last=False``); LitData pads nothing, so with several processes each
+    one must get at least one batch. Training shuffles, and under several processes LitData drops the last
+    samples so that every process gets as many (its rule).
+    """
+
+    def __init__(self, root: str, subset: str, paths: list, transform: Callable, evaluation: bool,
+                 blank_size: int) -> None:
+        require_litdata()
+        options = {"shuffle": False, "drop_last": False} if evaluation else {"shuffle": True}
+        location = str(join(root, subset)) if is_remote(root) else str(Path(root) / subset)
+        super().__init__(location, transform=DecodeSample(transform, evaluation, blank_size, paths), **options)
+        self.paths = paths
+
+    def path(self, position: int) -> str:
+        """The original file of the sample at ``position`` in its subset."""
+        return self.paths[position]
+
+
+def optimize_command(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(
+        prog="sedense optimize",
+        description="Write a labelled image folder as LitData chunks (same classes, split and skipped files as "
+                    "training), to train from with --data.format litdata --data.root <output>.",
+    )
+    parser.add_argument("--data.root", dest="root", required=True, help="the labelled image folder")
+    parser.add_argument("--output", required=True, help="an empty folder (or s3:// URI) for the chunks")
+    parser.add_argument("--data.val_split", dest="val_split", type=float, default=0.2)
+    parser.add_argument("--data.seed", dest="seed", type=int, default=42)
+    parser.add_argument("--data.verify", dest="verify", choices=["header", "full"], default="header")
+    parser.add_argument("--chunk_bytes", default="64MB", help="size of one chunk file")
+    parser.add_argument("--num_workers", type=int, default=None, help="writer processes (default: up to 8)")
+    args = parser.parse_args(argv)
+    if not 0 <= args.val_split < 1:
+        raise DataError(f"data.val_split must be in [0, 1), got {args.val_split}")
+    split = optimize_folder(Path(args.root), args.output, args.val_split, args.seed, args.verify, args.chunk_bytes,
+                            args.num_workers)
+    counts = ", ".join(f"{len(getattr(split, s))} {s}" for s in SUBSETS if getattr(split, s))
+    skipped = f"; skipped {len(split.skipped)} unusable file(s), listed in skipped_files.csv" if split.skipped else ""
+    print(f"Wrote {len(split.class_names)} classes ({counts} images) to {args.output}{skipped}")
+
