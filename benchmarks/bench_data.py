@@ -2,7 +2,9 @@
 
 The model must be the bottleneck: the loader has to deliver images faster than the network
 trains on them. Measured in one run, on the TrashNet recipe's transforms, with and without
-``data.cache``. Prints one JSON object.
+``data.cache``, and from LitData chunks of the same images (``sedense optimize``, read back through
+``StreamingDataLoader`` with the same workers and transforms; skipped without the ``stream`` extra).
+Prints one JSON object.
 
     python benchmarks/bench_data.py            # TrashNet (if present) at 112 px, batch 32
     python benchmarks/bench_data.py --quick    # synthetic photos, fewer batches (under a minute)
@@ -11,6 +13,7 @@ trains on them. Measured in one run, on the TrashNet recipe's transforms, with a
 from __future__ import annotations
 
 import argparse
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -19,6 +22,7 @@ import torch
 
 from common import dataset_root, device_info, emit, median_time, train_step
 from sedense.data import ImageFolderDataModule, default_num_workers
+from sedense.errors import SedenseError
 from sedense.models import build_model
 from sedense.preprocessing import Preprocessing
 
@@ -54,6 +58,16 @@ def main() -> None:
         data = ImageFolderDataModule(**common, cache=cache)
         data.setup("fit")
         rates[cache] = loader_rate(data, batches)
+    try:
+        from sedense.data.streaming import optimize_folder
+
+        chunks = tmp / "chunks"
+        optimize_folder(Path(root), str(chunks), num_workers=workers)
+        data = ImageFolderDataModule(**{**common, "root": str(chunks)}, format="litdata")
+        data.setup("fit")
+        rates["litdata"] = loader_rate(data, batches)
+    except SedenseError as err:  # no LitData
+        rates["litdata"] = f"not measured: {err}"
 
     torch.manual_seed(0)
     model = build_model("se_densenet121", num_classes=6, growth_rate=16, num_init_features=32)
@@ -73,10 +87,12 @@ def main() -> None:
         "image_size": size,
         "loader_img_s": round(rates[False], 1),
         "loader_cached_img_s": round(rates[True], 1),
+        "loader_litdata_img_s": rates["litdata"] if isinstance(rates["litdata"], str) else round(rates["litdata"], 1),
         "model_train_img_s": round(model_ips, 1),
         "loader_to_model_ratio": round(rates[False] / model_ips, 2),
         "model_is_bottleneck": rates[False] > model_ips,
     })
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -76,6 +76,7 @@ def untrained_checkpoint(path: Path, class_names: list[str], image_size: int, **
 
     torch.manual_seed(0)
     net = ImageClassifier(class_names=class_names, **model)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     torch.save({"state_dict": net.state_dict(), "hyper_parameters": dict(net.hparams),
                 "datamodule_hyper_parameters": {"preprocessing": Preprocessing(image_size).to_dict()}}, path)
     return path

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -182,3 +183,18 @@ def test_two_nodes_train_resume_after_one_is_killed_and_predict(tmp_path):
     rows = read_csv(newest_run(tmp_path) / "predictions.csv")
     glass = sorted(str(p.relative_to(tmp_path)) for p in (tmp_path / "data/glass").iterdir())
     assert [r["path"] for r in rows] == glass
+
+
+def test_the_slurm_script_runs_a_valid_sedense_command(tmp_path):
+    """`sbatch configs/slurm.sbatch` as SLURM would run it, with `srun` replaced by a printer of its command."""
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "SLURM_JOB_NUM_NODES": "2", "SLURM_NTASKS_PER_NODE": "4", "DATA": str(tmp_path / "photos"),
+           "BASH_FUNC_srun%%": "() { printf '%s\\n' \"$@\"; }"}
+    for resume in ("", "1"):
+        printed = subprocess.run(["bash", "configs/slurm.sbatch"], cwd=repo, capture_output=True, text=True, check=True,
+                                 env={**env, "SEDENSE_RESUME": resume}).stdout.splitlines()
+        assert printed[:2] == [".venv/bin/sedense", "fit"] and (printed[-2:] == ["--ckpt_path", "last"]) == bool(resume)
+        config = run_cli([*printed[1:], "--print_config"], repo).stdout
+        for line in ("num_nodes: 2", "devices: '4'", "strategy: ddp", "sync_batchnorm: true", "lr: 0.0056",
+                     f"root: {tmp_path / 'photos'}", "precision: bf16-mixed", "max_time: null"):
+            assert line in config, line
