@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import tempfile
@@ -18,9 +19,17 @@ from sedense.errors import ConfigError, SedenseError, StorageError
 from sedense.models.pretrained import safe_load
 from sedense.module import ImageClassifier
 from sedense.preprocessing import Preprocessing
+from sedense.quantize import (
+    CALIBRATION_IMAGES,
+    MIN_AGREEMENT,
+    check_quantize_options,
+    quantized_export,
+    write_report,
+)
 from sedense.runs import TMP_SUFFIX, write_file
 
 FORMATS = {"onnx": "model.onnx", "torchscript": "model.pt"}
+INT8_FILE = "model.int8.onnx"
 PARITY_TOLERANCE = 1e-4
 
 
@@ -101,24 +110,29 @@ def load_exported(path: str | Path) -> tuple[list[str], Preprocessing]:
 
 
 def export(ckpt_path: Path, fmt: str, out_dir: Path | None = None, images: Path | None = None,
-           trusted: bool = False) -> tuple[Path, float]:
+           trusted: bool = False, quantize: str | None = None, calibration_data: Path | None = None,
+           eval_data: Path | None = None, calibration_images: int = CALIBRATION_IMAGES,
+           min_agreement: float = MIN_AGREEMENT) -> tuple[Path, float]:
     """Write the model in ``fmt`` with its sidecar files; returns the file and the largest difference.
 
     The model is written to a temporary file and checked against PyTorch first: a model that fails the
     check is deleted, and neither it nor its sidecar files replace anything already in ``out_dir``.
+    With ``quantize="int8"`` (ONNX) an INT8 model is made from it and checked too (``sedense.quantize``);
+    when it is refused, nothing is written.
     """
     model, preprocessing = ImageClassifier.for_inference(ckpt_path, trusted=trusted)
     net = model.net.float().eval().to(memory_format=torch.contiguous_format)
     if out_dir is None:
         out_dir = ckpt_path.parent.parent / "export" if ckpt_path.parent.name == "checkpoints" else ckpt_path.parent
     path = out_dir / FORMATS[fmt]
+    created = not out_dir.exists()
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(dir=out_dir, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
         os.close(fd)
     except OSError as err:
         raise StorageError(out_dir, err) from None
-    tmp = Path(tmp_name)
+    tmp, tmp_int8 = Path(tmp_name), Path(tmp_name + ".int8")
     try:
         if images is None:
             root = (safe_load(ckpt_path, "--ckpt_path", mmap=True, trusted=trusted)
@@ -143,12 +157,28 @@ def export(ckpt_path: Path, fmt: str, out_dir: Path | None = None, images: Path 
         if diff > PARITY_TOLERANCE or not same:
             raise SedenseError(f"the {fmt} export of {ckpt_path} differs from PyTorch by {diff:.2e} "
                                f"(> {PARITY_TOLERANCE:g}); nothing was written to {out_dir}")
+        written = [path, out_dir / "class_indices.json", out_dir / "preprocessing.json"]
+        if quantize:
+            checkpoint = safe_load(ckpt_path, "--ckpt_path", mmap=True, trusted=trusted)
+            report = quantized_export(tmp, tmp_int8, checkpoint, model.class_names, preprocessing, calibration_data,
+                                      eval_data, calibration_images, min_agreement)
+            write_report(out_dir / "quantization.json", report)
+            os.replace(tmp_int8, out_dir / INT8_FILE)
+            written[1:1] = [out_dir / INT8_FILE, out_dir / "quantization.json"]
         sidecar_files(out_dir, model.class_names, preprocessing, path.name)
         os.replace(tmp, path)
+    except BaseException:
+        if created:  # a folder made for this export, left empty by its failure
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+                tmp_int8.unlink(missing_ok=True)
+                out_dir.rmdir()
+        raise
     finally:
         tmp.unlink(missing_ok=True)
+        tmp_int8.unlink(missing_ok=True)
     print(f"Exported {ckpt_path} to {path}")
-    print(f"Wrote {path}, {out_dir / 'class_indices.json'}, {out_dir / 'preprocessing.json'}")
+    print(f"Wrote {', '.join(map(str, written))}")
     return path, diff
 
 
@@ -164,7 +194,20 @@ def export_command(argv: list[str]) -> None:
                         help="images for the parity check (default: the training data, if it is still there)")
     parser.add_argument("--weights_only", type=lambda v: v.lower() not in ("false", "0", "no"), default=True,
                         help="false: trust a checkpoint that holds pickled objects (only one you made yourself)")
+    parser.add_argument("--quantize", choices=["int8"], default=None,
+                        help="also write model.int8.onnx: static INT8 quantization, checked against fp32")
+    parser.add_argument("--calibration_data", type=Path, default=None,
+                        help="images to calibrate INT8 on (default: the model's training images)")
+    parser.add_argument("--calibration_images", type=int, default=CALIBRATION_IMAGES,
+                        help=f"calibrate on at most this many images (default {CALIBRATION_IMAGES})")
+    parser.add_argument("--eval_data", type=Path, default=None,
+                        help="a labelled folder to check INT8 on (default: the model's validation images)")
+    parser.add_argument("--min_agreement", type=float, default=MIN_AGREEMENT,
+                        help=f"refuse an INT8 model that agrees with fp32 on fewer images (default {MIN_AGREEMENT})")
     args = parser.parse_args(argv)
+    check_quantize_options(args.format, args.quantize, args.min_agreement, args.calibration_images)
     from sedense.runs import resolve_ckpt_path
 
-    export(resolve_ckpt_path(args.ckpt_path), args.format, args.out, args.images, trusted=not args.weights_only)
+    export(resolve_ckpt_path(args.ckpt_path), args.format, args.out, args.images, trusted=not args.weights_only,
+           quantize=args.quantize, calibration_data=args.calibration_data, eval_data=args.eval_data,
+           calibration_images=args.calibration_images, min_agreement=args.min_agreement)

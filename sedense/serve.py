@@ -1,4 +1,9 @@
-"""``sedense serve``: an HTTP classification service with LitServe (batched, with a health check).
+"""``sedense serve``: an HTTP classification service with LitServe (batched, with a health check), and a page.
+
+``GET /`` is a page to try the model in a browser (choose, drop or, on a phone, take a photo; see the answer,
+the top-k as bars, the time, and on request the Grad-CAM heat map). It is one self-contained file
+(``sedense/web/index.html``: no scripts, styles or fonts from elsewhere, so it works offline) that calls the
+same ``POST /predict`` as any other client, so the page and the JSON API share the model and preprocessing.
 
 Each upload is decoded once, in a thread of the HTTP process (never on its event loop), and turned into
 the model's input pixels there: a file that cannot be decoded gets its own ``400`` before it reaches the
@@ -16,20 +21,22 @@ import io
 import json
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from urllib.parse import parse_qs
 
 import numpy as np
 import torch
 
 from sedense.data.images import check_image, load_image
 from sedense.errors import ConfigError, SedenseError
+from sedense.explain import grad_cam_overlays
 from sedense.preprocessing import Preprocessing
-from sedense.reports import topk_record
+from sedense.reports import png_bytes, topk_record
 
 try:
     import litserve as ls
     from starlette.datastructures import Headers
     from starlette.requests import Request
-    from starlette.responses import JSONResponse
+    from starlette.responses import HTMLResponse, JSONResponse
 except ImportError:  # the `serve` extra is optional
     ls = None
 
@@ -60,7 +67,7 @@ class ImageUploadMiddleware:
 
     Accepts the image as the raw request body, as a multipart form file (``curl -F
     file=@photo.jpg``) or as JSON ``{"image": "<base64>"}``. An upload over ``max_bytes`` gets
-    413; anything that is not a readable image gets 400.
+    413; anything that is not a readable image gets 400. ``?explain=1`` asks for the Grad-CAM heat map too.
     """
 
     def __init__(self, app, max_bytes: int, preprocessing: Preprocessing, path: str = "/predict", threads: int = 4):
@@ -87,8 +94,10 @@ class ImageUploadMiddleware:
         except ValueError as err:
             await JSONResponse({"error": f"not a usable image: {err}"}, 400)(scope, receive, send)
             return
+        explain = parse_qs(scope.get("query_string", b"").decode("latin-1")).get("explain", ["0"])[-1]
         payload = json.dumps({"pixels": base64.b64encode(pixels.tobytes()).decode("ascii"),
-                              "height": pixels.shape[0], "width": pixels.shape[1]}).encode()
+                              "height": pixels.shape[0], "width": pixels.shape[1],
+                              "explain": explain.lower() in ("1", "true", "yes")}).encode()
         headers = [(k, v) for k, v in scope["headers"] if k not in (b"content-type", b"content-length")]
         headers += [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
         sent = False
@@ -122,6 +131,22 @@ class ImageUploadMiddleware:
         return body
 
 
+class PageMiddleware:
+    """Answers ``GET /`` with the page to try the model (LitServe's own ``/`` only says it is running)."""
+
+    def __init__(self, app, config: dict) -> None:
+        page = (Path(__file__).parent / "web" / "index.html").read_text(encoding="utf-8")
+        # The settings the page needs, as JSON inside its <script type="application/json"> ("</" escaped).
+        self.page = page.replace("__CONFIG__", json.dumps(config, ensure_ascii=False).replace("</", "<\\/"))
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope["path"] == "/" and scope["method"] in ("GET", "HEAD"):
+            await HTMLResponse(self.page)(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
 class ClassifierAPI(ls.LitAPI if ls is not None else object):
     """Normalises decoded pixels, classifies a batch of them, answers top-k JSON per image."""
 
@@ -133,30 +158,41 @@ class ClassifierAPI(ls.LitAPI if ls is not None else object):
     def setup(self, device) -> None:
         from sedense.module import ImageClassifier
 
-        self.model, pre = ImageClassifier.for_inference(self.ckpt_path, trusted=self.trusted)
+        self.model, self.preprocessing = ImageClassifier.for_inference(self.ckpt_path, trusted=self.trusted)
         self.model.to(device)
         self.device = device
-        self.normalize = pre.normalize()
+        self.normalize = self.preprocessing.normalize()
 
-    def decode_request(self, request) -> torch.Tensor:
+    def decode_request(self, request) -> dict:
         pixels = np.frombuffer(base64.b64decode(request["pixels"]), dtype=np.uint8)
         pixels = pixels.reshape(request["height"], request["width"], 3).copy()
-        return self.normalize(torch.from_numpy(pixels).permute(2, 0, 1))
+        return {"x": self.normalize(torch.from_numpy(pixels).permute(2, 0, 1)), "explain": bool(request.get("explain"))}
 
-    def batch(self, inputs: list[torch.Tensor]) -> torch.Tensor:
-        return torch.stack(inputs)
+    def batch(self, inputs: list[dict]) -> dict:
+        return {"x": torch.stack([i["x"] for i in inputs]), "explain": [i["explain"] for i in inputs]}
 
-    def predict(self, x: torch.Tensor) -> torch.Tensor:
-        single = x.ndim == 3
+    def predict(self, inputs: dict) -> dict | list[dict]:
+        single = inputs["x"].ndim == 3
+        x = (inputs["x"][None] if single else inputs["x"]).to(self.device)
+        flags = [inputs["explain"]] if single else inputs["explain"]
         with torch.inference_mode():
-            probs = self.model.eval_log_probs((x[None] if single else x).to(self.device)).exp().cpu()
-        return probs[0] if single else probs
+            probs = self.model.eval_log_probs(x).exp().cpu()
+        heatmaps = [None] * len(flags)
+        asked = [i for i, flag in enumerate(flags) if flag]
+        if asked:
+            for i, overlay in zip(asked, grad_cam_overlays(self.model.net, x[asked], self.preprocessing)):
+                heatmaps[i] = "data:image/png;base64," + base64.b64encode(png_bytes(overlay)).decode("ascii")
+        outputs = [{"probs": p, "heatmap": h} for p, h in zip(probs, heatmaps)]
+        return outputs[0] if single else outputs
 
-    def unbatch(self, output: torch.Tensor) -> list[torch.Tensor]:
-        return list(output)
+    def unbatch(self, output: list[dict]) -> list[dict]:
+        return output
 
-    def encode_response(self, probs: torch.Tensor) -> dict:
-        return topk_record(probs, self.model.class_names, self.top_k)
+    def encode_response(self, output: dict) -> dict:
+        record = topk_record(output["probs"], self.model.class_names, self.top_k)
+        if output["heatmap"] is not None:
+            record["heatmap"] = output["heatmap"]
+        return record
 
 
 def wait_until_healthy(url: str, timeout: float = 180.0) -> bool:
@@ -179,18 +215,21 @@ def wait_until_healthy(url: str, timeout: float = 180.0) -> bool:
 
 def build_server(ckpt_path: Path, preprocessing: Preprocessing, top_k: int = 5, max_batch_size: int = 8,
                  batch_timeout: float = 0.01, max_upload_mb: float = 10.0, accelerator: str = "auto",
-                 workers_per_device: int = 1, trusted: bool = False):
-    """A LitServer for the classifier in ``ckpt_path`` (POST /predict, GET /health)."""
+                 workers_per_device: int = 1, trusted: bool = False, class_names: list[str] | None = None,
+                 threshold: float = 0.5):
+    """A LitServer for the classifier in ``ckpt_path`` (GET / the page, POST /predict, GET /health)."""
     require_litserve()
     api = ClassifierAPI(ckpt_path, top_k, max_batch_size, batch_timeout, trusted)
     upload_options = {"max_bytes": int(max_upload_mb * 2**20), "preprocessing": preprocessing}
+    page = {"classes": list(class_names or []), "threshold": threshold, "max_upload_mb": max_upload_mb,
+            "max_upload_bytes": int(max_upload_mb * 2**20), "predict": "/predict"}
     return ls.LitServer(
         api,
         accelerator=accelerator,
         devices=1,
         workers_per_device=workers_per_device,
         timeout=60,
-        middlewares=[(ImageUploadMiddleware, upload_options)],
+        middlewares=[(ImageUploadMiddleware, upload_options), (PageMiddleware, {"config": page})],
     )
 
 
@@ -203,6 +242,7 @@ def check_options(args: argparse.Namespace) -> None:
         ("max_upload_mb", args.max_upload_mb > 0, "more than 0"),
         ("workers_per_device", args.workers_per_device >= 1, "at least 1"),
         ("port", 0 < args.port < 65536, "a port number from 1 to 65535"),
+        ("threshold", 0 <= args.threshold <= 1, "a probability from 0 to 1"),
     ):
         if not ok:
             raise ConfigError(f"--{name} must be {need}, got {getattr(args, name)}")
@@ -222,6 +262,8 @@ def serve_command(argv: list[str]) -> None:
     parser.add_argument("--batch_timeout", type=float, default=0.01, help="seconds to wait to fill a batch")
     parser.add_argument("--max_upload_mb", type=float, default=10.0, help="larger uploads get 413")
     parser.add_argument("--accelerator", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    parser.add_argument("--threshold", type=float, default=0.5,
+                        help="the page says 'not sure' below this confidence (default 0.5)")
     parser.add_argument("--workers_per_device", type=int, default=1, help="model copies per device")
     parser.add_argument("--weights_only", type=lambda v: v.lower() not in ("false", "0", "no"), default=True,
                         help="false: trust a checkpoint that holds pickled objects (only one you made yourself)")
@@ -232,8 +274,15 @@ def serve_command(argv: list[str]) -> None:
     from sedense.runs import resolve_ckpt_path
 
     ckpt = resolve_ckpt_path(args.ckpt_path)
-    _, preprocessing = ImageClassifier.for_inference(ckpt, trusted=not args.weights_only)  # fail here, in one line
+    model, preprocessing = ImageClassifier.for_inference(ckpt, trusted=not args.weights_only)  # fail here, in one line
     server = build_server(ckpt, preprocessing, args.top_k, args.max_batch_size, args.batch_timeout,
-                          args.max_upload_mb, args.accelerator, args.workers_per_device, not args.weights_only)
-    print(f"Serving {ckpt} on http://{args.host}:{args.port}/predict (health: /health; no authentication)", flush=True)
+                          args.max_upload_mb, args.accelerator, args.workers_per_device, not args.weights_only,
+                          model.class_names, args.threshold)
+    del model
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"Warning: listening on {args.host}: anyone who can reach this machine can use the service and the "
+              "page (there is no authentication); use it on a network you trust", flush=True)
+    shown = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
+    print(f"Serving {ckpt}: the page at http://{shown}:{args.port}/, the API at /predict (health: /health)",
+          flush=True)
     server.run(host=args.host, port=args.port, generate_client_file=False, num_api_servers=1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -215,3 +216,31 @@ def newest_run(root: Path) -> Path:
 
 
 PREDICT = ["--data.num_workers", "0", "--trainer.enable_progress_bar", "false", "--trainer.accelerator", "cpu"]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serving(cwd: Path, *args: str):
+    """``sedense serve *args`` in a real process on a free port, until the block ends; yields its URL."""
+    from sedense.serve import wait_until_healthy
+
+    port = free_port()
+    command = [sys.executable, "-m", "sedense", "serve", *args, "--port", str(port), "--accelerator", "cpu"]
+    proc = subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        if not wait_until_healthy(url):
+            os.killpg(proc.pid, signal.SIGKILL)
+            pytest.fail(f"the service did not start:\n{proc.stdout.read().decode(errors='replace')}")
+        yield url
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()

@@ -4,20 +4,17 @@ from __future__ import annotations
 
 import base64
 import csv
+import io
 import json
-import os
-import signal
-import socket
+import re
 import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
-from conftest import PREDICT, make_bad_corpus, make_image, newest_run, run_cli
+from conftest import PREDICT, make_bad_corpus, make_image, newest_run, run_cli, serving
 from sedense.preprocessing import Preprocessing
-from sedense.serve import wait_until_healthy
 
 
 @pytest.fixture
@@ -109,27 +106,44 @@ def test_onnx_predictions_equal_pytorch(trained, onnx_export):
         assert float(a["confidence"]) == pytest.approx(float(b["confidence"]), abs=1e-4)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def test_int8_export_is_checked_against_fp32_and_predicts(trained, tmp_path, monkeypatch):
+    from sklearn.metrics import accuracy_score
+
+    out = tmp_path / "int8"
+    proc = run_cli(["export", "--ckpt_path", "best", "--quantize", "int8", "--out", out], trained)
+    assert sorted(p.name for p in out.iterdir()) == ["class_indices.json", "model.int8.onnx", "model.onnx",
+                                                     "preprocessing.json", "quantization.json"]
+    report = json.loads((out / "quantization.json").read_text())
+    assert report["calibration_images"] == 18 and report["images"] == 6  # the run's own training / validation split
+    assert report["agreement"] >= 0.99 and "INT8 check on 6 labelled images" in proc.stdout
+    split = {r["path"]: r["class"] for r in rows(trained / "lightning_logs" / "version_0" / "split.csv")
+             if r["subset"] == "val"}
+    for name, key in (("model.onnx", "fp32_accuracy"), ("model.int8.onnx", "int8_accuracy")):
+        run_cli(["predict", "--ckpt_path", out / name, "--data.predict_root", "data", *PREDICT,
+                 "--trainer.default_root_dir", tmp_path / name], trained)
+        run = newest_run(tmp_path / name)
+        predicted = {r["path"]: r["class"] for r in rows(run / "predictions.csv")}
+        val = sorted(split)
+        assert report[key] == round(accuracy_score([split[p] for p in val], [predicted[p] for p in val]), 4)
+
+    from sedense import quantize
+
+    real = quantize.compare  # an INT8 model that changes the class of 1 image in 10
+    monkeypatch.setattr(quantize, "compare", lambda *args: {**real(*args), "agreement": 0.9})
+    refused = run_cli(["export", "--ckpt_path", "best", "--quantize", "int8", "--out", tmp_path / "refused"], trained,
+                      check=False)
+    assert refused.returncode != 0 and "nothing was written" in refused.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "refused").exists()  # not even the folder
+    bad = run_cli(["export", "--ckpt_path", "best", "--format", "torchscript", "--quantize", "int8"], trained,
+                  check=False)
+    assert bad.returncode == 2
+    assert bad.stderr.strip() == "sedense: error: --quantize int8 needs --format onnx, not torchscript"
 
 
 @pytest.fixture
 def server(trained):
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "sedense", "serve", "--ckpt_path", "best", "--port", str(port), "--max_upload_mb", "1",
-         "--max_batch_size", "4", "--accelerator", "cpu"],
-        cwd=trained, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    if not wait_until_healthy(url):
-        os.killpg(proc.pid, signal.SIGKILL)
-        pytest.fail(f"the service did not start:\n{proc.stdout.read().decode(errors='replace')}")
-    yield url
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    with serving(trained, "--ckpt_path", "best", "--max_upload_mb", "1", "--max_batch_size", "4") as url:
+        yield url
 
 
 def broken_exif_jpeg(path: Path) -> Path:
@@ -187,6 +201,21 @@ def test_service_answers_a_concurrent_burst_and_rejects_bad_uploads(trained, ser
         bad = requests.post(f"{server}/predict", data=body, timeout=60)
         assert bad.status_code == status and "error" in bad.json()
     assert requests.get(f"{server}/health", timeout=5).status_code == 200  # still up
+
+    explained = requests.post(f"{server}/predict?explain=1", data=files[0].read_bytes(), timeout=60).json()
+    assert {k: v for k, v in explained.items() if k != "heatmap"} == answers[0].json()
+    assert "heatmap" not in answers[0].json()
+    prefix = "data:image/png;base64,"
+    assert explained["heatmap"].startswith(prefix)
+    from PIL import Image
+
+    heat = Image.open(io.BytesIO(base64.b64decode(explained["heatmap"][len(prefix):])))
+    assert heat.size == (16, 16) and heat.mode == "RGB"  # the model's input (TINY: 16 px), coloured
+
+    page = requests.get(f"{server}/", timeout=5)
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert '"classes": ["cardboard", "glass", "metal"]' in page.text
+    assert not re.search(r"""(src|href)=["']?(https?:)?//""", page.text) and "@import" not in page.text  # offline
 
 
 @pytest.mark.parametrize("option", [["--top_k", "0"], ["--max_batch_size", "0"], ["--port", "70000"]])

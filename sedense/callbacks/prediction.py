@@ -24,6 +24,7 @@ from sedense.callbacks.outputs import (
 )
 from sedense.data.datasets import UNREADABLE
 from sedense.errors import ConfigError
+from sedense.explain import grad_cam_overlays, require_grad_cam
 from sedense.runs import is_remote, join, remove_stale_temporaries, run_dir, say, write_file, write_file_list
 
 STATE_FILE = "predict_state.json"  # what this prediction is (to continue it), and whether it finished
@@ -117,10 +118,7 @@ class PredictionWriter(BasePredictionWriter):
         if self.explain:
             if not isinstance(getattr(pl_module.net, "features", None), torch.nn.Sequential):
                 raise ConfigError("predict_writer.explain needs a sedense checkpoint (.ckpt), not an exported model")
-            try:
-                import pytorch_grad_cam  # noqa: F401
-            except ImportError:
-                raise ConfigError("predict_writer.explain needs Grad-CAM: pip install 'sedense[explain]'") from None
+            require_grad_cam()
 
     def _read_journals(self) -> dict[str, str]:
         """Rows an interrupted run of this prediction wrote, by path (a cut-off last line is ignored)."""
@@ -171,17 +169,9 @@ class PredictionWriter(BasePredictionWriter):
 
     def _explain(self, trainer: L.Trainer, pl_module: L.LightningModule, x: torch.Tensor, paths: list[Path]) -> None:
         """Grad-CAM of the top class at the network's last feature map, laid over each input."""
-        from pytorch_grad_cam import GradCAM
-        from pytorch_grad_cam.utils.image import show_cam_on_image
-
-        net = pl_module.net
-        with torch.inference_mode(False), torch.enable_grad():  # prediction runs without autograd
-            x = x.clone().float()
-            with GradCAM(model=net, target_layers=[net.features[-1]]) as cam:
-                maps = cam(input_tensor=x, targets=None)  # None: the top class of each image
-        for image, heat, path in zip(trainer.datamodule.preprocessing.denormalize(x), maps, paths):
+        for overlay, path in zip(grad_cam_overlays(pl_module.net, x, trainer.datamodule.preprocessing), paths):
             dst = join(self.folder, "explained", *self.explained[str(path)].parts)
-            write_file(dst, reports.png_bytes(show_cam_on_image(image, heat, use_rgb=True)))
+            write_file(dst, reports.png_bytes(overlay))
 
     # ----------------------------------------------------------------------------- the end
     def _gather(self, trainer: L.Trainer) -> tuple[list[str], list[str]]:

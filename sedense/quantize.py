@@ -1,0 +1,169 @@
+"""INT8 ONNX models for small CPUs: static quantization with ONNX Runtime, calibrated and checked on real images.
+
+``sedense export --format onnx --quantize int8`` writes ``model.int8.onnx`` beside ``model.onnx``:
+
+- **Static, not dynamic.** Dynamic quantization converts only the weights of matrix multiplications; a
+  DenseNet is convolutions, whose activations must be quantized too, from ranges measured on real images
+  (*calibration*): the training images of the checkpoint's data (its own split, so no validation image is
+  seen), or a folder given with ``--calibration_data``; at most ``--calibration_images`` of them (200),
+  spread over the classes.
+- **QOperator format, per-channel weights.** QOperator fuses each convolution into one integer operator
+  (``QLinearConv``); the QDQ format leaves quantize/dequantize pairs around float operators, which ONNX
+  Runtime's CPU provider runs slower in batches (see ``benchmarks/bench_predict.py``). Per-channel weight
+  scales keep accuracy in convolutions whose channels differ in range.
+- **Checked before it is kept.** Both models classify the labelled images of the checkpoint's validation
+  split (or ``--eval_data``); their accuracies and top-1 agreement are printed and written to
+  ``quantization.json``. Below ``--min_agreement`` (0.99: when at most 1 image in 100 changes class, the
+  accuracy cannot drop by more than 1 point) nothing is written, and the command says so in one line.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sedense.data.folders import match_classes, scan_class_folders, scan_dataset
+from sedense.data.images import filter_images, list_images, load_image
+from sedense.errors import ConfigError, DataError, SedenseError
+from sedense.preprocessing import Preprocessing
+
+MIN_AGREEMENT = 0.99
+CALIBRATION_IMAGES = 200
+
+
+def require_quantization():
+    try:
+        from onnxruntime import quantization
+    except ImportError:
+        raise SedenseError("INT8 export needs ONNX Runtime: pip install 'sedense[onnx]'") from None
+    return quantization
+
+
+def spread(items: list, n: int) -> list:
+    """``n`` items evenly spaced through ``items`` (all of them if there are fewer)."""
+    if len(items) <= n:
+        return list(items)
+    return [items[int(i * len(items) / n)] for i in range(n)]
+
+
+def training_data(checkpoint: dict, class_names: list[str]) -> tuple[list[Path], list[tuple[Path, int]], str]:
+    """The checkpoint's own split: training images (for calibration) and labelled validation images."""
+    data = checkpoint.get("datamodule_hyper_parameters") or {}
+    root = data.get("root")
+    if not root or not Path(root).is_dir():
+        raise DataError(f"the model's training data ({root or 'not recorded'}) is not here: give images to "
+                        "calibrate on with --calibration_data and labelled ones to check with --eval_data")
+    split = scan_dataset(Path(root), data.get("val_split", 0.2), data.get("seed", 42), data.get("verify", "header"))
+    if split.class_names != list(class_names):
+        raise DataError(f"the classes under {root} are no longer the model's: give --calibration_data and --eval_data")
+    return [p for p, _ in split.train], [(p, class_names.index(c)) for p, c in split.val], str(root)
+
+
+def calibration_files(folder: Path) -> list[Path]:
+    files = filter_images(list_images(folder))[0] if folder.is_dir() else []
+    if not files:
+        raise DataError(f"--calibration_data: no readable images under {folder}")
+    return files
+
+
+def labelled_files(folder: Path, class_names: list[str]) -> list[tuple[Path, int]]:
+    found = scan_class_folders(folder, "--eval_data", 1)
+    return [(Path(p), class_names.index(c)) for p, c in match_classes(found, class_names, folder, "--eval_data")]
+
+
+def batches(files: list[Path], pre: Preprocessing, size: int = 32):
+    transform = pre.eval_transform()
+    for start in range(0, len(files), size):
+        yield torch.stack([transform(load_image(p)) for p in files[start:start + size]]).numpy()
+
+
+class Calibration:
+    """ONNX Runtime's ``CalibrationDataReader``: the calibration images, preprocessed, a batch at a time."""
+
+    def __init__(self, files: list[Path], pre: Preprocessing) -> None:
+        self.batches = batches(files, pre, 16)
+
+    def get_next(self):
+        batch = next(self.batches, None)
+        return None if batch is None else {"images": batch}
+
+
+def quantize_int8(fp32: Path, out: Path, files: list[Path], pre: Preprocessing) -> None:
+    """Static INT8 quantization of the ONNX model ``fp32`` into ``out`` (QOperator, per-channel weights)."""
+    q = require_quantization()
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    prepared = out.with_name(out.name + ".prep")
+    try:
+        quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
+        q.quantize_static(str(prepared), str(out), Calibration(files, pre), quant_format=q.QuantFormat.QOperator,
+                          per_channel=True, activation_type=q.QuantType.QUInt8, weight_type=q.QuantType.QInt8,
+                          calibrate_method=q.CalibrationMethod.MinMax)
+    finally:
+        prepared.unlink(missing_ok=True)
+
+
+def compare(fp32: Path, int8: Path, labelled: list[tuple[Path, int]], pre: Preprocessing) -> dict:
+    """Accuracy of both models on ``labelled`` and how often they agree on the top class."""
+    from sedense.export import onnx_session
+
+    sessions = [onnx_session(fp32), onnx_session(int8)]
+    predictions: list[list[np.ndarray]] = [[], []]
+    for batch in batches([p for p, _ in labelled], pre):
+        for session, out in zip(sessions, predictions):
+            out.append(session.run(None, {"images": batch})[0].argmax(1))
+    fp, i8 = (np.concatenate(p) for p in predictions)
+    truth = np.array([c for _, c in labelled])
+    return {"images": len(labelled), "fp32_accuracy": round(float((fp == truth).mean()), 4),
+            "int8_accuracy": round(float((i8 == truth).mean()), 4), "agreement": round(float((fp == i8).mean()), 4)}
+
+
+def quantized_export(fp32: Path, out: Path, checkpoint: dict, class_names: list[str], pre: Preprocessing,
+                     calibration_data: Path | None, eval_data: Path | None, calibration_images: int,
+                     min_agreement: float) -> dict:
+    """Quantize ``fp32`` into ``out`` and check it; returns the report, or raises when it is refused."""
+    if calibration_data is None or eval_data is None:
+        train, val, root = training_data(checkpoint, class_names)
+    calib = calibration_files(calibration_data) if calibration_data is not None else train
+    labelled = labelled_files(eval_data, class_names) if eval_data is not None else val
+    if not labelled:
+        raise DataError("no labelled images to check the INT8 model on: give a folder with --eval_data")
+    calib = spread(calib, calibration_images)
+    start = time.perf_counter()
+    quantize_int8(fp32, out, calib, pre)
+    report = {"calibration_images": len(calib),
+              "calibration_data": str(calibration_data) if calibration_data else f"training images of {root}",
+              "eval_data": str(eval_data) if eval_data else f"validation images of {root}",
+              "quantize_seconds": round(time.perf_counter() - start, 1), "format": "QOperator, per-channel weights",
+              **compare(fp32, out, labelled, pre), "min_agreement": min_agreement,
+              "fp32_bytes": fp32.stat().st_size, "int8_bytes": out.stat().st_size}
+    print(f"INT8 check on {report['images']} labelled images: accuracy fp32 {report['fp32_accuracy']:.4f}, "
+          f"int8 {report['int8_accuracy']:.4f}; same class for {report['agreement']:.2%} "
+          f"(calibrated on {len(calib)} images); {report['fp32_bytes'] / 2**20:.1f} MB -> "
+          f"{report['int8_bytes'] / 2**20:.1f} MB")
+    if report["agreement"] < min_agreement:
+        raise SedenseError(f"the INT8 model gives another class than fp32 for {1 - report['agreement']:.1%} of "
+                           f"{report['images']} images (--min_agreement {min_agreement}); nothing was written. "
+                           "Calibrate on more or more typical images (--calibration_data), or keep the fp32 model")
+    return report
+
+
+def check_quantize_options(fmt: str, quantize: str | None, min_agreement: float, calibration_images: int) -> None:
+    if quantize is None:
+        return
+    if fmt != "onnx":
+        raise ConfigError(f"--quantize int8 needs --format onnx, not {fmt}")
+    if not 0 <= min_agreement <= 1:
+        raise ConfigError(f"--min_agreement must be from 0 to 1, got {min_agreement}")
+    if calibration_images < 1:
+        raise ConfigError(f"--calibration_images must be at least 1, got {calibration_images}")
+
+
+def write_report(path: Path, report: dict) -> None:
+    from sedense.runs import write_file
+
+    write_file(path, json.dumps(report, indent=2))
