@@ -1,16 +1,24 @@
 """Prediction speed on the same images: one image at a time (how a simple predict script works),
 batched ``sedense predict``, the exported ONNX model through ONNX Runtime, and the HTTP service's
-latency under a fixed concurrent load. Prints one JSON object.
+latency under a fixed concurrent load; then the network alone in three engines (eager PyTorch, fp32
+ONNX Runtime, INT8 ONNX Runtime from ``sedense export --quantize int8``): single-image latency (p50/p95)
+and batch-32 images/s on the same preprocessed images, with the model files' sizes and the INT8 check.
+Prints one JSON object.
 
     python benchmarks/bench_predict.py --ckpt_path best                 # TrashNet (if present), 200 images
     python benchmarks/bench_predict.py --ckpt_path best --quick         # 48 images, a lighter load
+
+Without a trained run (a fresh clone) it measures an untrained network of the recipe's shape: speed does
+not depend on the weights (the INT8 check is then not meaningful, and is not enforced).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
+import shutil
 import signal
 import socket
 import statistics
@@ -24,10 +32,11 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from common import dataset_root, device_info, emit
+from common import dataset_root, device_info, emit, untrained_checkpoint
 from sedense.callbacks import PredictionWriter
 from sedense.data import ImageFolderDataModule, list_images, load_image
-from sedense.export import export, use_onnx
+from sedense.errors import ConfigError
+from sedense.export import export, onnx_session, use_onnx
 from sedense.module import ImageClassifier
 from sedense.preprocessing import Preprocessing
 from sedense.runs import resolve_ckpt_path
@@ -88,15 +97,57 @@ def service(ckpt: Path, files: list[Path], clients: int, cwd: Path) -> dict:
     }
 
 
+def engines(model: ImageClassifier, pre: Preprocessing, files: list[Path], fp32: Path, int8: Path) -> dict:
+    """Single-image latency and batch-32 throughput of the network in each engine, on the same tensors."""
+    transform = pre.eval_transform()
+    images = torch.stack([transform(load_image(p)) for p in files])
+    net = model.net.float().eval()
+    runners = {"eager_pytorch": lambda x: net(torch.from_numpy(x))}
+    for name, path in (("onnx_runtime_fp32", fp32), ("onnx_runtime_int8", int8)):
+        session = onnx_session(path)
+        runners[name] = lambda x, session=session: session.run(None, {"images": x})[0]
+    out = {}
+    with torch.inference_mode():
+        for name, run in runners.items():
+            run(images[:1].numpy())  # warm-up
+            latencies = []
+            for i in range(len(images)):
+                start = time.perf_counter()
+                run(images[i:i + 1].numpy())
+                latencies.append(time.perf_counter() - start)
+            latencies.sort()
+            batches = [images[i:i + 32].numpy() for i in range(0, len(images), 32)]
+            run(batches[0])
+            start = time.perf_counter()
+            for batch in batches:
+                run(batch)
+            out[name] = {"latency_p50_ms": round(1000 * statistics.median(latencies), 2),
+                         "latency_p95_ms": round(1000 * latencies[int(0.95 * (len(latencies) - 1))], 2),
+                         "batch32_img_s": round(len(images) / (time.perf_counter() - start), 1)}
+    fp, q = out["onnx_runtime_fp32"], out["onnx_runtime_int8"]
+    out["int8_vs_fp32"] = {"batch32_throughput": round(q["batch32_img_s"] / fp["batch32_img_s"], 2),
+                           "latency_p50_speedup": round(fp["latency_p50_ms"] / q["latency_p50_ms"], 2)}
+    return out
+
+
+def checkpoint(spec: str, tmp: Path, classes: list[str]) -> tuple[Path, bool]:
+    """The trained checkpoint, or (fresh clone) an untrained one of the recipe's shape."""
+    try:
+        return resolve_ckpt_path(spec).resolve(), True
+    except ConfigError as err:
+        print(f"{err}: measuring an untrained network of the recipe's shape", file=sys.stderr)
+        return untrained_checkpoint(tmp / "untrained.ckpt", classes, 112, growth_rate=16, num_init_features=32), False
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ckpt_path", default="best", help="a sedense checkpoint, `best` or `last`")
     parser.add_argument("--data", default=None, help="images to classify (TrashNet if present, else synthetic)")
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
-    ckpt = resolve_ckpt_path(args.ckpt_path).resolve()
     tmp = Path(tempfile.mkdtemp(prefix="sedense-bench-"))
     root, described = dataset_root(args.data, tmp, args.quick)
+    ckpt, trained = checkpoint(args.ckpt_path, tmp, sorted(d.name for d in Path(root).iterdir() if d.is_dir()))
     n = 48 if args.quick else 200
     files = list_images(root)[:: max(1, len(list_images(root)) // n)][:n]
     folder = tmp / "inputs"
@@ -112,12 +163,22 @@ def main() -> None:
     result["one_at_a_time_img_s"] = round(one_at_a_time(model, pre, files), 1)
     with quiet:
         result["sedense_predict_img_s"] = round(batched(model, pre, folder, tmp / "torch"), 1)
-        onnx_path, _ = export(ckpt, "onnx", tmp / "export", folder)
+        # INT8 calibrated on the checkpoint's training images and checked on its validation images (a trained run);
+        # an untrained network is calibrated and checked on the benchmark's folder, without the agreement limit.
+        extra = {} if trained else {"calibration_data": Path(root), "eval_data": Path(root), "min_agreement": 0.0}
+        onnx_path, _ = export(ckpt, "onnx", tmp / "export", folder, quantize="int8", **extra)
+        result["int8_check"] = json.loads((tmp / "export" / "quantization.json").read_text())
+        result["model_file_mb"] = {"checkpoint": round(ckpt.stat().st_size / 2**20, 2),
+                                   "onnx_fp32": round(onnx_path.stat().st_size / 2**20, 2),
+                                   "onnx_int8": round((tmp / "export" / "model.int8.onnx").stat().st_size / 2**20, 2)}
+        result["engines"] = engines(model, pre, files, onnx_path, tmp / "export" / "model.int8.onnx")
         use_onnx(model, onnx_path)
         result["onnx_runtime_img_s"] = round(batched(model, pre, folder, tmp / "onnx"), 1)
     result["service"] = service(ckpt, files, 4 if args.quick else 8, tmp)
     result["batched_speedup"] = round(result["sedense_predict_img_s"] / result["one_at_a_time_img_s"], 2)
+    result["trained_checkpoint"] = trained
     emit(result)
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -131,6 +131,24 @@ class ImageUploadMiddleware:
         return body
 
 
+NO_HEATMAP = "unavailable"
+
+
+def inference_model(path: str | Path, trusted: bool = False):
+    """The classifier and its preprocessing from a sedense checkpoint, or from an exported ``.onnx`` file (run by
+    ONNX Runtime, with the classes and preprocessing written beside it)."""
+    from sedense.module import ImageClassifier
+
+    if str(path).endswith(".onnx"):
+        from sedense.export import load_exported, use_onnx
+
+        class_names, preprocessing = load_exported(path)
+        model = use_onnx(ImageClassifier(class_names=class_names, arch="se_densenet_bc100", block_config=[1, 1],
+                                         growth_rate=4, num_init_features=4), path)  # the network is replaced
+        return model.eval(), preprocessing
+    return ImageClassifier.for_inference(path, trusted=trusted)
+
+
 class PageMiddleware:
     """Answers ``GET /`` with the page to try the model (LitServe's own ``/`` only says it is running)."""
 
@@ -156,9 +174,8 @@ class ClassifierAPI(ls.LitAPI if ls is not None else object):
         self.ckpt_path, self.top_k, self.trusted = ckpt_path, top_k, trusted
 
     def setup(self, device) -> None:
-        from sedense.module import ImageClassifier
-
-        self.model, self.preprocessing = ImageClassifier.for_inference(self.ckpt_path, trusted=self.trusted)
+        self.model, self.preprocessing = inference_model(self.ckpt_path, self.trusted)
+        self.explainable = isinstance(getattr(self.model.net, "features", None), torch.nn.Sequential)
         self.model.to(device)
         self.device = device
         self.normalize = self.preprocessing.normalize()
@@ -179,7 +196,9 @@ class ClassifierAPI(ls.LitAPI if ls is not None else object):
             probs = self.model.eval_log_probs(x).exp().cpu()
         heatmaps = [None] * len(flags)
         asked = [i for i, flag in enumerate(flags) if flag]
-        if asked:
+        if asked and not self.explainable:
+            heatmaps = [NO_HEATMAP if flag else None for flag in flags]
+        elif asked:
             for i, overlay in zip(asked, grad_cam_overlays(self.model.net, x[asked], self.preprocessing)):
                 heatmaps[i] = "data:image/png;base64," + base64.b64encode(png_bytes(overlay)).decode("ascii")
         outputs = [{"probs": p, "heatmap": h} for p, h in zip(probs, heatmaps)]
@@ -190,7 +209,9 @@ class ClassifierAPI(ls.LitAPI if ls is not None else object):
 
     def encode_response(self, output: dict) -> dict:
         record = topk_record(output["probs"], self.model.class_names, self.top_k)
-        if output["heatmap"] is not None:
+        if output["heatmap"] == NO_HEATMAP:
+            record["heatmap_error"] = "Grad-CAM needs the model's .ckpt file; this service runs an exported model"
+        elif output["heatmap"] is not None:
             record["heatmap"] = output["heatmap"]
         return record
 
@@ -254,7 +275,8 @@ def serve_command(argv: list[str]) -> None:
         description="Serve a trained classifier over HTTP: POST an image to /predict, get top-k JSON. "
                     "The service has no authentication: it listens on 127.0.0.1 unless --host says otherwise.",
     )
-    parser.add_argument("--ckpt_path", required=True, help="a sedense checkpoint (.ckpt), `best` or `last`")
+    parser.add_argument("--ckpt_path", required=True,
+                        help="a sedense checkpoint (.ckpt), `best`, `last`, or an exported .onnx model")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--top_k", type=int, default=5, help="classes listed per image")
@@ -270,11 +292,10 @@ def serve_command(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     check_options(args)
     require_litserve()
-    from sedense.module import ImageClassifier
     from sedense.runs import resolve_ckpt_path
 
     ckpt = resolve_ckpt_path(args.ckpt_path)
-    model, preprocessing = ImageClassifier.for_inference(ckpt, trusted=not args.weights_only)  # fail here, in one line
+    model, preprocessing = inference_model(ckpt, trusted=not args.weights_only)  # fail here, in one line
     server = build_server(ckpt, preprocessing, args.top_k, args.max_batch_size, args.batch_timeout,
                           args.max_upload_mb, args.accelerator, args.workers_per_device, not args.weights_only,
                           model.class_names, args.threshold)

@@ -126,6 +126,13 @@ def test_int8_export_is_checked_against_fp32_and_predicts(trained, tmp_path, mon
         val = sorted(split)
         assert report[key] == round(accuracy_score([split[p] for p in val], [predicted[p] for p in val]), 4)
 
+    import requests
+
+    photo = sorted(split)[0]
+    with serving(trained, "--ckpt_path", out / "model.int8.onnx") as url:  # the service runs the INT8 model too
+        answer = requests.post(f"{url}/predict?explain=1", data=(trained / photo).read_bytes(), timeout=60).json()
+    assert answer["class"] == predicted[photo] and "exported model" in answer["heatmap_error"]
+
     from sedense import quantize
 
     real = quantize.compare  # an INT8 model that changes the class of 1 image in 10
