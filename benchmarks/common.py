@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import lightning
 import numpy as np
 import torch
 from PIL import Image
@@ -78,6 +79,7 @@ def untrained_checkpoint(path: Path, class_names: list[str], image_size: int, **
     net = ImageClassifier(class_names=class_names, **model)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     torch.save({"state_dict": net.state_dict(), "hyper_parameters": dict(net.hparams),
+                "pytorch-lightning_version": lightning.__version__,
                 "datamodule_hyper_parameters": {"preprocessing": Preprocessing(image_size).to_dict()}}, path)
     return path
 

@@ -21,6 +21,7 @@ from sedense.module import ImageClassifier
 from sedense.preprocessing import Preprocessing
 from sedense.quantize import (
     CALIBRATION_IMAGES,
+    CALIBRATION_METHODS,
     MIN_AGREEMENT,
     check_quantize_options,
     quantized_export,
@@ -112,7 +113,7 @@ def load_exported(path: str | Path) -> tuple[list[str], Preprocessing]:
 def export(ckpt_path: Path, fmt: str, out_dir: Path | None = None, images: Path | None = None,
            trusted: bool = False, quantize: str | None = None, calibration_data: Path | None = None,
            eval_data: Path | None = None, calibration_images: int = CALIBRATION_IMAGES,
-           min_agreement: float = MIN_AGREEMENT) -> tuple[Path, float]:
+           min_agreement: float = MIN_AGREEMENT, calibration_method: str = "percentile") -> tuple[Path, float]:
     """Write the model in ``fmt`` with its sidecar files; returns the file and the largest difference.
 
     The model is written to a temporary file and checked against PyTorch first: a model that fails the
@@ -161,7 +162,7 @@ def export(ckpt_path: Path, fmt: str, out_dir: Path | None = None, images: Path 
         if quantize:
             checkpoint = safe_load(ckpt_path, "--ckpt_path", mmap=True, trusted=trusted)
             report = quantized_export(tmp, tmp_int8, checkpoint, model.class_names, preprocessing, calibration_data,
-                                      eval_data, calibration_images, min_agreement)
+                                      eval_data, calibration_images, min_agreement, calibration_method)
             write_report(out_dir / "quantization.json", report)
             os.replace(tmp_int8, out_dir / INT8_FILE)
             written[1:1] = [out_dir / INT8_FILE, out_dir / "quantization.json"]
@@ -200,14 +201,18 @@ def export_command(argv: list[str]) -> None:
                         help="images to calibrate INT8 on (default: the model's training images)")
     parser.add_argument("--calibration_images", type=int, default=CALIBRATION_IMAGES,
                         help=f"calibrate on at most this many images (default {CALIBRATION_IMAGES})")
+    parser.add_argument("--calibration_method", choices=CALIBRATION_METHODS, default="percentile",
+                        help="how activation ranges are set from the calibration images (default percentile)")
     parser.add_argument("--eval_data", type=Path, default=None,
                         help="a labelled folder to check INT8 on (default: the model's validation images)")
     parser.add_argument("--min_agreement", type=float, default=MIN_AGREEMENT,
-                        help=f"refuse an INT8 model that agrees with fp32 on fewer images (default {MIN_AGREEMENT})")
+                        help="refuse an INT8 model that keeps the class of fewer of the images fp32 is sure of "
+                             f"(default {MIN_AGREEMENT})")
     args = parser.parse_args(argv)
     check_quantize_options(args.format, args.quantize, args.min_agreement, args.calibration_images)
     from sedense.runs import resolve_ckpt_path
 
     export(resolve_ckpt_path(args.ckpt_path), args.format, args.out, args.images, trusted=not args.weights_only,
            quantize=args.quantize, calibration_data=args.calibration_data, eval_data=args.eval_data,
-           calibration_images=args.calibration_images, min_agreement=args.min_agreement)
+           calibration_images=args.calibration_images, min_agreement=args.min_agreement,
+           calibration_method=args.calibration_method)

@@ -115,9 +115,10 @@ def test_int8_export_is_checked_against_fp32_and_predicts(trained, tmp_path, mon
                                                      "preprocessing.json", "quantization.json"]
     report = json.loads((out / "quantization.json").read_text())
     assert report["calibration_images"] == 18 and report["images"] == 6  # the run's own training / validation split
-    assert report["agreement"] >= 0.99 and "INT8 check on 6 labelled images" in proc.stdout
+    assert report["confident_agreement"] >= 0.99 and "INT8 check on 6 labelled images" in proc.stdout
     split = {r["path"]: r["class"] for r in rows(trained / "lightning_logs" / "version_0" / "split.csv")
              if r["subset"] == "val"}
+    answers = {}
     for name, key in (("model.onnx", "fp32_accuracy"), ("model.int8.onnx", "int8_accuracy")):
         run_cli(["predict", "--ckpt_path", out / name, "--data.predict_root", "data", *PREDICT,
                  "--trainer.default_root_dir", tmp_path / name], trained)
@@ -125,6 +126,8 @@ def test_int8_export_is_checked_against_fp32_and_predicts(trained, tmp_path, mon
         predicted = {r["path"]: r["class"] for r in rows(run / "predictions.csv")}
         val = sorted(split)
         assert report[key] == round(accuracy_score([split[p] for p in val], [predicted[p] for p in val]), 4)
+        answers[name] = [predicted[p] for p in val]
+    assert report["agreement"] == round(accuracy_score(answers["model.onnx"], answers["model.int8.onnx"]), 4)
 
     import requests
 
@@ -136,7 +139,7 @@ def test_int8_export_is_checked_against_fp32_and_predicts(trained, tmp_path, mon
     from sedense import quantize
 
     real = quantize.compare  # an INT8 model that changes the class of 1 image in 10
-    monkeypatch.setattr(quantize, "compare", lambda *args: {**real(*args), "agreement": 0.9})
+    monkeypatch.setattr(quantize, "compare", lambda *args: {**real(*args), "confident_agreement": 0.9})
     refused = run_cli(["export", "--ckpt_path", "best", "--quantize", "int8", "--out", tmp_path / "refused"], trained,
                       check=False)
     assert refused.returncode != 0 and "nothing was written" in refused.stderr.strip().splitlines()[-1]
