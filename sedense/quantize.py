@@ -26,6 +26,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import time
 from pathlib import Path
@@ -111,9 +113,11 @@ def quantize_int8(fp32: Path, out: Path, files: list[Path], pre: Preprocessing, 
     prepared = out.with_name(out.name + ".prep")
     try:
         quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
-        q.quantize_static(str(prepared), str(out), Calibration(files, pre), quant_format=q.QuantFormat.QOperator,
-                          per_channel=True, activation_type=q.QuantType.QUInt8, weight_type=q.QuantType.QInt8,
-                          calibrate_method=calibrate)
+        with contextlib.redirect_stdout(io.StringIO()):  # the calibrators print their progress
+            q.quantize_static(str(prepared), str(out), Calibration(files, pre),
+                              quant_format=q.QuantFormat.QOperator,
+                              per_channel=True, activation_type=q.QuantType.QUInt8, weight_type=q.QuantType.QInt8,
+                              calibrate_method=calibrate)
     finally:
         prepared.unlink(missing_ok=True)
 
