@@ -1,8 +1,9 @@
 """Prediction speed on the same images: one image at a time (how a simple predict script works),
 batched ``sedense predict``, the exported ONNX model through ONNX Runtime, and the HTTP service's
-latency under a fixed concurrent load; then the network alone in three engines (eager PyTorch, fp32
-ONNX Runtime, INT8 ONNX Runtime from ``sedense export --quantize int8``): single-image latency (p50/p95)
-and batch-32 images/s on the same preprocessed images, with the model files' sizes and the INT8 check.
+latency under a fixed concurrent load, serving the checkpoint, the fp32 ONNX and the INT8 ONNX model;
+then the network alone in three engines (eager PyTorch, fp32 ONNX Runtime, INT8 ONNX Runtime from
+``sedense export --quantize int8``): single-image latency (p50/p95) and batch-32 images/s on the same
+preprocessed images, with the model files' sizes and the INT8 check.
 Prints one JSON object.
 
     python benchmarks/bench_predict.py --ckpt_path best                 # TrashNet (if present), 200 images
@@ -174,7 +175,9 @@ def main() -> None:
         result["engines"] = engines(model, pre, files, onnx_path, tmp / "export" / "model.int8.onnx")
         use_onnx(model, onnx_path)
         result["onnx_runtime_img_s"] = round(batched(model, pre, folder, tmp / "onnx"), 1)
-    result["service"] = service(ckpt, files, 4 if args.quick else 8, tmp)
+    clients = 4 if args.quick else 8
+    result["service"] = {name: service(path, files, clients, tmp) for name, path in (
+        ("checkpoint", ckpt), ("onnx_fp32", onnx_path), ("onnx_int8", tmp / "export" / "model.int8.onnx"))}
     result["batched_speedup"] = round(result["sedense_predict_img_s"] / result["one_at_a_time_img_s"], 2)
     result["trained_checkpoint"] = trained
     emit(result)

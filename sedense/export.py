@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import tempfile
@@ -126,7 +125,6 @@ def export(ckpt_path: Path, fmt: str, out_dir: Path | None = None, images: Path 
     if out_dir is None:
         out_dir = ckpt_path.parent.parent / "export" if ckpt_path.parent.name == "checkpoints" else ckpt_path.parent
     path = out_dir / FORMATS[fmt]
-    created = not out_dir.exists()
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(dir=out_dir, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
@@ -168,13 +166,6 @@ def export(ckpt_path: Path, fmt: str, out_dir: Path | None = None, images: Path 
             written[1:1] = [out_dir / INT8_FILE, out_dir / "quantization.json"]
         sidecar_files(out_dir, model.class_names, preprocessing, path.name)
         os.replace(tmp, path)
-    except BaseException:
-        if created:  # a folder made for this export, left empty by its failure
-            with contextlib.suppress(OSError):
-                tmp.unlink(missing_ok=True)
-                tmp_int8.unlink(missing_ok=True)
-                out_dir.rmdir()
-        raise
     finally:
         tmp.unlink(missing_ok=True)
         tmp_int8.unlink(missing_ok=True)

