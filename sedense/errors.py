@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import importlib
 
 
 class SedenseError(Exception):
@@ -21,6 +22,14 @@ class ConfigError(SedenseError, ValueError):
 
 class TrainingError(SedenseError):
     """Training cannot go on (e.g. the loss is no longer a number)."""
+
+
+def require_extra(module: str, needs: str, extra: str):
+    """``import module``, or one line: ``{needs}: pip install 'sedense[{extra}]'`` (an optional extra is missing)."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise SedenseError(f"{needs}: pip install 'sedense[{extra}]'") from None
 
 
 # What to do about a file that cannot be written, by the reason the system gives.

@@ -10,15 +10,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from sedense.errors import SedenseError
+from sedense.errors import require_extra
 from sedense.preprocessing import Preprocessing
 
 
 def require_grad_cam() -> None:
-    try:
-        import pytorch_grad_cam  # noqa: F401
-    except ImportError:
-        raise SedenseError("Grad-CAM needs the grad-cam package: pip install 'sedense[explain]'") from None
+    require_extra("pytorch_grad_cam", "Grad-CAM needs the grad-cam package", "explain")
 
 
 def grad_cam_overlays(net: torch.nn.Module, x: torch.Tensor, preprocessing: Preprocessing) -> list[np.ndarray]:

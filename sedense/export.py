@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from sedense.data.images import filter_images, list_images, load_image
-from sedense.errors import ConfigError, SedenseError, StorageError
+from sedense.errors import ConfigError, SedenseError, StorageError, require_extra
 from sedense.models.pretrained import safe_load
 from sedense.module import ImageClassifier
 from sedense.preprocessing import Preprocessing
@@ -26,7 +26,7 @@ from sedense.quantize import (
     quantized_export,
     write_report,
 )
-from sedense.runs import TMP_SUFFIX, write_file
+from sedense.runs import TMP_SUFFIX, class_indices_json, write_file
 
 FORMATS = {"onnx": "model.onnx", "torchscript": "model.pt"}
 INT8_FILE = "model.int8.onnx"
@@ -47,8 +47,7 @@ def eval_batch(pre: Preprocessing, images: Path | None, n: int = 8) -> tuple[tor
 
 def sidecar_files(out_dir: Path, class_names: list[str], pre: Preprocessing, model_file: str) -> None:
     """``class_indices.json`` and ``preprocessing.json``: what a program needs to use the exported file."""
-    write_file(out_dir / "class_indices.json",
-               json.dumps({str(i): c for i, c in enumerate(class_names)}, indent=2, ensure_ascii=False))
+    write_file(out_dir / "class_indices.json", class_indices_json(class_names))
     write_file(out_dir / "preprocessing.json", json.dumps(pre.sidecar(len(class_names), model_file), indent=2))
 
 
@@ -69,10 +68,7 @@ def run_onnx(path: Path, batch: torch.Tensor) -> np.ndarray:
 
 
 def onnx_session(path: str | Path):
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        raise SedenseError("running an ONNX model needs ONNX Runtime: pip install 'sedense[onnx]'") from None
+    ort = require_extra("onnxruntime", "running an ONNX model needs ONNX Runtime", "onnx")
     options = ort.SessionOptions()
     options.log_severity_level = 3
     return ort.InferenceSession(str(path), options, providers=ort.get_available_providers())

@@ -37,7 +37,7 @@ import torch
 
 from sedense.data.folders import match_classes, scan_class_folders, scan_dataset
 from sedense.data.images import filter_images, list_images, load_image
-from sedense.errors import ConfigError, DataError, SedenseError
+from sedense.errors import ConfigError, DataError, SedenseError, require_extra
 from sedense.preprocessing import Preprocessing
 
 MIN_AGREEMENT = 0.99
@@ -47,11 +47,7 @@ CALIBRATION_METHODS = ("percentile", "minmax", "entropy")
 
 
 def require_quantization():
-    try:
-        from onnxruntime import quantization
-    except ImportError:
-        raise SedenseError("INT8 export needs ONNX Runtime: pip install 'sedense[onnx]'") from None
-    return quantization
+    return require_extra("onnxruntime.quantization", "INT8 export needs ONNX Runtime", "onnx")
 
 
 def spread(items: list, n: int) -> list:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import csv
 import io
+import json
 import os
 import re
 import tempfile
@@ -110,6 +111,21 @@ def write_file(path: Location, data: str | bytes | memoryview) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
     sync_folder(path.parent)
+
+
+def class_indices_json(class_names) -> str:
+    """``class_indices.json``: ``{"0": "cardboard", …}``, the classes in the model's order."""
+    return json.dumps({str(i): c for i, c in enumerate(class_names)}, indent=2, ensure_ascii=False)
+
+
+def split_csv(split) -> str:
+    """``split.csv``: every image of a :class:`~sedense.data.folders.Split` with its class and subset."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["path", "class", "subset"])
+    for subset, pairs in (("train", split.train), ("val", split.val), ("test", split.test)):
+        writer.writerows((str(p), c, subset) for p, c in pairs)
+    return out.getvalue()
 
 
 def file_list_csv(rows: Sequence[tuple[Any, str]], header: Sequence[str] = ("path", "reason")) -> str:

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 from pathlib import Path
 
 import lightning as L
@@ -12,7 +9,15 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
 from sedense.data.datasets import unreadable_reason
-from sedense.runs import join, remove_stale_temporaries, run_dir, write_file, write_file_list
+from sedense.runs import (
+    class_indices_json,
+    join,
+    remove_stale_temporaries,
+    run_dir,
+    split_csv,
+    write_file,
+    write_file_list,
+)
 
 
 class RunFiles(L.Callback):
@@ -46,9 +51,8 @@ class RunFiles(L.Callback):
         data = trainer.datamodule
         if stage in ("fit", "validate") and getattr(data, "root", None) is not None:
             split = data.split
-            write_file(join(folder, "class_indices.json"),
-                       json.dumps({str(i): c for i, c in enumerate(split.class_names)}, indent=2, ensure_ascii=False))
-            write_file(join(folder, "split.csv"), _split_csv(split))
+            write_file(join(folder, "class_indices.json"), class_indices_json(split.class_names))
+            write_file(join(folder, "split.csv"), split_csv(split))
             self._add(split.skipped, folder)
         elif stage == "test":
             self._add(getattr(data, "test_skipped", []), folder)
@@ -97,12 +101,3 @@ class RunFiles(L.Callback):
 
     def on_test_epoch_end(self, trainer, pl_module) -> None:
         self._report(trainer, trainer.test_dataloaders, "test")
-
-
-def _split_csv(split) -> str:
-    out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(["path", "class", "subset"])
-    for subset, pairs in (("train", split.train), ("val", split.val), ("test", split.test)):
-        writer.writerows((str(p), c, subset) for p, c in pairs)
-    return out.getvalue()

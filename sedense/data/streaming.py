@@ -16,6 +16,7 @@ import argparse
 import csv
 import io
 import json
+import os
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -27,34 +28,21 @@ from torch.utils.data import default_collate
 from sedense.data.datasets import UNREADABLE
 from sedense.data.folders import Split, scan_dataset
 from sedense.data.images import load_image
-from sedense.errors import DataError, SedenseError
-from sedense.runs import file_list_csv, is_remote, join, write_file
+from sedense.errors import DataError, require_extra
+from sedense.runs import class_indices_json, file_list_csv, is_remote, join, split_csv, write_file
 
 META = "sedense.json"
 SUBSETS = ("train", "val", "test")
 
 
 def require_litdata():
-    try:
-        import litdata
-    except ImportError:
-        raise SedenseError("streaming datasets need LitData: pip install 'sedense[stream]'") from None
-    return litdata
+    return require_extra("litdata", "streaming datasets need LitData", "stream")
 
 
 def _sample(item: tuple[str, int, int]) -> dict:
     """One sample of the chunks: the file's bytes, its class index and its position in the subset."""
     path, label, position = item
     return {"image": Path(path).read_bytes(), "label": int(label), "position": int(position)}
-
-
-def split_csv(split: Split) -> str:
-    out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(["path", "class", "subset"])
-    for subset in SUBSETS:
-        writer.writerows((str(p), c, subset) for p, c in getattr(split, subset))
-    return out.getvalue()
 
 
 def optimize_folder(root: Path, output: str, val_split: float = 0.2, seed: int = 42, verify: str = "header",
@@ -72,11 +60,11 @@ def optimize_folder(root: Path, output: str, val_split: float = 0.2, seed: int =
         if not pairs:
             continue
         inputs = [(str(p), index[c], i) for i, (p, c) in enumerate(pairs)]
+        workers = num_workers or min(os.cpu_count() or 1, 8, len(inputs))  # one per core
         litdata.optimize(fn=_sample, inputs=inputs, output_dir=str(join(output, subset)), chunk_bytes=chunk_bytes,
-                         num_workers=num_workers or min(8, len(inputs)), reorder_files=False, verbose=False)
+                         num_workers=workers, reorder_files=False, verbose=False)
         counts[subset] = len(pairs)
-    write_file(join(output, "class_indices.json"),
-               json.dumps({str(i): c for i, c in enumerate(split.class_names)}, indent=2, ensure_ascii=False))
+    write_file(join(output, "class_indices.json"), class_indices_json(split.class_names))
     write_file(join(output, "split.csv"), split_csv(split))
     write_file(join(output, "skipped_files.csv"), file_list_csv(split.skipped))
     write_file(join(output, META), json.dumps({"format": 1, "classes": split.class_names, "subsets": counts,
@@ -176,7 +164,8 @@ def optimize_command(argv: list[str]) -> None:
     parser.add_argument("--data.seed", dest="seed", type=int, default=42)
     parser.add_argument("--data.verify", dest="verify", choices=["header", "full"], default="header")
     parser.add_argument("--chunk_bytes", default="64MB", help="size of one chunk file")
-    parser.add_argument("--num_workers", type=int, default=None, help="writer processes (default: up to 8)")
+    parser.add_argument("--num_workers", type=int, default=None,
+                        help="writer processes (default: one per core, at most 8)")
     args = parser.parse_args(argv)
     if not 0 <= args.val_split < 1:
         raise DataError(f"data.val_split must be in [0, 1), got {args.val_split}")
