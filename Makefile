@@ -21,10 +21,11 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 
 install: $(VENV)/.installed
 
-# Lint, then the suite on every core (pytest-xdist); most tests run the command in-process.
+# Lint, then the suite on every core (pytest-xdist); most tests run the command in-process. The tests that
+# time themselves or start several processes share one worker (xdist_group), so they never run side by side.
 test: install
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q -n auto
+	$(BIN)/python -m pytest -q -n auto --dist loadgroup
 
 $(DIGITS):
 	$(BIN)/sedense digits $(DIGITS) --test-out $(DIGITS)-test

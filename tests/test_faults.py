@@ -116,6 +116,7 @@ def test_nan_loss_stops_with_one_line(tmp_path):
     assert last.startswith("sedense: error: the training loss is") and "lower model.lr" in last
 
 
+@pytest.mark.xdist_group("processes")  # never beside another test that runs several processes
 def test_two_processes_on_tiny_data_train_count_every_image_once_and_match_one_process(tmp_path):
     # 10 training images are fewer than a batch for each of 2 processes (comparing the whole set with the batch
     # size dropped them all), and a test folder of 1 image has fewer images than processes (one process gets none).
@@ -150,6 +151,7 @@ def test_two_processes_on_tiny_data_train_count_every_image_once_and_match_one_p
     assert [r["path"] for r in rows] == glass
 
 
+@pytest.mark.xdist_group("processes")  # never beside another test that runs several processes
 def test_a_nan_on_one_process_stops_every_process_with_one_line(tmp_path):
     make_folder(tmp_path / "data", {"cardboard": 16, "glass": 16})
     proc = run_sedense(["fit", *TINY, "--data.root", "data", "--trainer.strategy", "ddp", "--trainer.devices", "2",

@@ -151,6 +151,7 @@ def wait(nodes: list[subprocess.Popen], timeout: float = 240) -> list[tuple[int,
     return results
 
 
+@pytest.mark.xdist_group("processes")  # never beside another test that runs several processes
 def test_two_nodes_train_resume_after_one_is_killed_and_predict(tmp_path):
     make_folder(tmp_path / "data", {"cardboard": 13, "glass": 12, "metal": 9})  # 7 validation images: odd
     fit = ["fit", *TINY, "--data.root", "data", "--data.batch_size", "4", "--trainer.max_epochs", "6"]

@@ -73,6 +73,7 @@ def results(run) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+@pytest.mark.xdist_group("processes")  # never beside another test that runs several processes
 def test_a_budgeted_run_ends_at_the_floor_and_a_slower_one_runs_fewer_epochs(tmp_path):
     make_folder(tmp_path / "data", {"cardboard": 12, "glass": 12})
     budget = ["--model.schedule", "time", "--trainer.max_time", "00:00:00:08", "--model.warmup_epochs", "1",
@@ -89,11 +90,12 @@ def test_a_budgeted_run_ends_at_the_floor_and_a_slower_one_runs_fewer_epochs(tmp
     assert len(slow) < len(fast)
 
 
+@pytest.mark.xdist_group("processes")  # never beside another test that runs several processes
 def test_a_resumed_budget_counts_the_time_already_spent(tmp_path):
     make_folder(tmp_path / "data", {"cardboard": 12, "glass": 12})
     budget = ["fit", *TINY, "--data.root", "data", "--model.schedule", "time", "--trainer.max_time", "00:00:00:08",
               "--model.warmup_epochs", "1", "--model.lr", "0.002"]
-    stopped = run_cli([*budget, "--trainer.callbacks+=inject.InterruptAfter", "--trainer.callbacks.batches=12"],
+    stopped = run_cli([*budget, "--trainer.callbacks+=inject.InterruptAfter", "--trainer.callbacks.batches=6"],
                       tmp_path, check=False)
     assert stopped.returncode == 130
     before = results(newest_run(tmp_path))
