@@ -8,6 +8,7 @@ import io
 import json
 import re
 import subprocess
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -106,6 +107,28 @@ def test_onnx_predictions_equal_pytorch(trained, onnx_export):
         assert float(a["confidence"]) == pytest.approx(float(b["confidence"]), abs=1e-4)
 
 
+def test_the_integer_graph_computes_what_the_exported_model_does(trained, onnx_export):
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+
+    from sedense.quantize import integer_graph
+
+    exported = trained / "lightning_logs" / "version_0" / "export" / "model.onnx"
+    model = onnx.load(str(exported))
+    before = Counter(node.op_type for node in model.graph.node)
+    rewritten = integer_graph(model)
+    onnx.checker.check_model(rewritten)
+    after = Counter(node.op_type for node in rewritten.graph.node)
+    assert before["BatchNormalization"] > 0 and after["BatchNormalization"] == 0
+    # 2 dense layers a block, 2 blocks: each layer's squeeze-and-excitation is pooled and convolved, not reshaped
+    assert before["Unsqueeze"] == 4 and after["Unsqueeze"] == 0 and after["GlobalAveragePool"] == 4
+    images = np.random.default_rng(0).normal(size=(5, 3, 16, 16)).astype(np.float32)
+    logits = [ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+              .run(None, {"images": images})[0] for m in (onnx.load(str(exported)), rewritten)]
+    assert np.abs(logits[0] - logits[1]).max() < 1e-4 * max(1.0, np.abs(logits[0]).max())
+
+
 def test_int8_export_is_checked_against_fp32_and_predicts(trained, tmp_path, monkeypatch):
     from sklearn.metrics import accuracy_score
 
@@ -113,6 +136,13 @@ def test_int8_export_is_checked_against_fp32_and_predicts(trained, tmp_path, mon
     proc = run_cli(["export", "--ckpt_path", "best", "--quantize", "int8", "--out", out], trained)
     assert sorted(p.name for p in out.iterdir()) == ["class_indices.json", "model.int8.onnx", "model.onnx",
                                                      "preprocessing.json", "quantization.json"]
+    import onnx
+
+    ops = Counter(node.op_type for node in onnx.load(str(out / "model.int8.onnx")).graph.node)
+    # Integer from the input to the final pooling: no float norm, activation or squeeze-and-excitation
+    # between the integer operators, so no dequantize/quantize pair around each (there were 2 a layer).
+    assert ops["QuantizeLinear"] == 2 and ops["DequantizeLinear"] == 2 and ops["QLinearConcat"] == 4
+    assert not {"BatchNormalization", "Relu", "Sigmoid", "Gemm", "Mul", "Unsqueeze"} & set(ops)
     report = json.loads((out / "quantization.json").read_text())
     assert report["calibration_images"] == 18 and report["images"] == 6  # the run's own training / validation split
     assert report["confident_agreement"] >= 0.99 and "INT8 check on 6 labelled images" in proc.stdout
