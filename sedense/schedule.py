@@ -10,6 +10,13 @@ learning rate with every pause of the machine (a validation, a checkpoint, anoth
 wherever the clock runs out, in the middle of an epoch, with no validation of the final weights. Planning
 whole epochs (Ultralytics' ``time=`` re-plans once, after the first epochs; this re-plans after every one)
 ends the run on an epoch boundary, validated and checkpointed, at the floor.
+
+The plan keeps room for the slowest recent epoch and half an epoch more. A machine that slows down by more
+than that *during* an epoch (another program starts, the disk stalls) would still be stopped by the budget
+before the plan's end, above the floor. So after every step the plan is also held to the clock
+(:meth:`TimePlan.hurry`): when the steps still planned no longer fit in the time left at the current step
+time, the cosine is bent to reach the floor at the last step that fits. The budget then stops the run at
+the floor, in the middle of an epoch (Lightning validates and checkpoints the weights it stops with).
 """
 
 from __future__ import annotations
@@ -112,6 +119,21 @@ class TimePlan:
             self.anchor_step, self.anchor_progress = step, now
         self.end_step, self.planned_epochs = max(end, self.anchor_step), planned
         return planned
+
+    def hurry(self, step: int, seconds_left: float, seconds_per_step: float) -> bool:
+        """Bend the cosine to end at the last step that fits in ``seconds_left``, if the plan's end does not.
+
+        Returns whether the plan changed. Progress stays continuous, as in :meth:`replan`.
+        """
+        if self.end_step is None or step < self.warmup_steps or seconds_per_step <= 0:
+            return False
+        fits = max(math.floor(seconds_left / seconds_per_step) - 1, 0)  # one step kept for the budget's own check
+        if self.end_step - step <= fits:
+            return False
+        # With no step to spare the floor starts now; else the cosine goes on, steeper, to 1 at the last step.
+        self.anchor_step, self.anchor_progress = step, 1.0 if fits == 0 else self.progress(step)
+        self.end_step = step + fits
+        return True
 
     def state_dict(self) -> dict:
         return asdict(self)

@@ -35,12 +35,14 @@ class NanOnRank(L.Callback):
 
 
 class SlowDown(L.Callback):
-    """A slower machine: every training batch takes ``seconds`` longer."""
+    """A slower machine: every training batch takes ``seconds`` longer (from epoch ``from_epoch`` on: a machine
+    that slows down mid-run, after the time budget made its plan)."""
 
-    def __init__(self, seconds: float = 0.05) -> None:
-        self.seconds = seconds
+    def __init__(self, seconds: float = 0.05, from_epoch: int = 0) -> None:
+        self.seconds, self.from_epoch = seconds, from_epoch
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         import time
 
-        time.sleep(self.seconds)
+        if trainer.current_epoch >= self.from_epoch:
+            time.sleep(self.seconds)

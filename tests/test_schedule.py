@@ -47,6 +47,42 @@ def test_a_machine_that_slows_down_mid_run_still_ends_at_the_floor():
     assert all(b <= a + 1e-12 for a, b in zip(factors[10:], factors[11:]))
 
 
+def run_against_clock(step_seconds, budget: float, hurry: bool, steps_per_epoch: int = 10, lrf: float = 0.01):
+    """Steps against a clock that stops the run at ``budget`` (checked after every step, as Lightning's Timer does);
+    ``step_seconds(epoch, plan)`` is how long a step takes. Returns the last rate, epochs started and seconds used."""
+    plan = TimePlan(steps_per_epoch, steps_per_epoch)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = WarmupCosine(opt, steps_per_epoch, lrf, plan.progress)
+    used, epoch = 0.0, 0
+    while True:
+        start = used
+        for _ in range(steps_per_epoch):
+            seconds = step_seconds(epoch, plan)
+            used += seconds
+            scheduler.step()
+            if hurry:
+                plan.hurry(scheduler.last_epoch, budget - used, seconds)
+            if used >= budget:
+                return opt.param_groups[0]["lr"], epoch + 1, used
+        epoch += 1
+        if epoch >= plan.replan(epoch, scheduler.last_epoch, used - start, budget - used):
+            return opt.param_groups[0]["lr"], epoch, used
+
+
+def stalls_in_the_last_epoch(epoch: int, plan: TimePlan) -> float:
+    return 0.5 if plan.planned_epochs == epoch + 1 else 0.1  # 5x slower once the plan can no longer adapt
+
+
+def test_a_machine_that_stalls_in_the_last_epoch_still_ends_at_the_floor():
+    steady, _, _ = run_against_clock(lambda e, plan: 0.1, budget=30.0, hurry=True)
+    assert steady == pytest.approx(0.01)  # the plan alone ends at the floor; holding it to the clock changes nothing
+    assert run_against_clock(lambda e, plan: 0.1, budget=30.0, hurry=False)[0] == steady
+    cut, epochs, used = run_against_clock(stalls_in_the_last_epoch, budget=30.0, hurry=False)
+    assert cut > 0.0105 and used >= 30.0  # without it the budget stops the run above the floor
+    held, epochs, used = run_against_clock(stalls_in_the_last_epoch, budget=30.0, hurry=True)
+    assert held == pytest.approx(0.01) and used >= 30.0  # stopped by the budget, at the floor
+
+
 def test_an_unfrozen_group_follows_the_schedule_and_no_function_is_saved():
     params = [torch.nn.Parameter(torch.zeros(1)) for _ in range(2)]
     opt = torch.optim.AdamW([{"params": [params[0]]}], lr=0.1)
@@ -88,6 +124,23 @@ def test_a_budgeted_run_ends_at_the_floor_and_a_slower_one_runs_fewer_epochs(tmp
         assert float(rows[-1]["time"]) <= 8.0
         assert [float(r["time"]) for r in rows] == sorted(float(r["time"]) for r in rows)
     assert len(slow) < len(fast)
+
+
+@pytest.mark.xdist_group("processes")  # never beside another test that runs several processes
+def test_a_run_that_stalls_mid_plan_is_stopped_at_the_floor(tmp_path):
+    make_folder(tmp_path / "data", {"cardboard": 12, "glass": 12})
+    # 5 batches an epoch; from the third epoch on each takes 4.5 s more: the budget runs out inside that epoch,
+    # long before the end the plan made from the first two.
+    run_cli(["fit", *TINY, "--data.root", "data", "--data.batch_size", "4", "--model.schedule", "time",
+             "--trainer.max_time", "00:00:00:20", "--model.warmup_epochs", "1", "--model.lr", "0.002",
+             "--model.lrf", "0.01", "--trainer.callbacks+=inject.SlowDown", "--trainer.callbacks.seconds=4.5",
+             "--trainer.callbacks.from_epoch=2"], tmp_path)
+    run = newest_run(tmp_path)
+    last = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    plan = last["time_plan"]
+    assert last["global_step"] < plan["planned_epochs"] * plan["steps_per_epoch"]  # the budget stopped it mid-plan
+    rows = results(run)
+    assert float(rows[-1]["lr"]) == pytest.approx(0.002 * 0.01)  # yet at the floor, and the weights validated
 
 
 @pytest.mark.xdist_group("processes")  # never beside another test that runs several processes
