@@ -16,7 +16,9 @@ than that *during* an epoch (another program starts, the disk stalls) would stil
 before the plan's end, above the floor. So after every step the plan is also held to the clock
 (:meth:`TimePlan.hurry`): when the steps still planned no longer fit in the time left at the current step
 time, the cosine is bent to reach the floor at the last step that fits. The budget then stops the run at
-the floor, in the middle of an epoch (Lightning validates and checkpoints the weights it stops with).
+the floor, in the middle of an epoch (Lightning validates and checkpoints the weights it stops with). For
+the same reason, when a slowdown leaves no room for a whole epoch more while the cosine is still above its
+floor, the plan runs one more anyway, and the clock check brings it to the floor by the last step that fits.
 """
 
 from __future__ import annotations
@@ -107,7 +109,12 @@ class TimePlan:
     def replan(self, epochs_done: int, step: int, epoch_seconds: float, seconds_left: float) -> int:
         """After ``epochs_done`` epochs (``step`` steps, the last epoch ``epoch_seconds`` long): the epochs to run."""
         self.epoch_times.append(float(epoch_seconds))
-        more = max(0, math.floor(seconds_left / self.typical_epoch_time() - self.margin))
+        typical = self.typical_epoch_time()
+        more = max(0, math.floor(seconds_left / typical - self.margin))
+        if more == 0 and self.progress(step) < 1 and seconds_left >= typical / self.steps_per_epoch:
+            # The machine slowed down and the cosine is still above its floor: one more epoch, which the
+            # clock check (``hurry``) brings to the floor by the last step that fits, if it does not fit whole.
+            more = 1
         planned = epochs_done + more
         if self.max_epochs is not None and self.max_epochs > 0:
             planned = min(planned, self.max_epochs)
