@@ -12,17 +12,17 @@
   Runtime's CPU provider runs slower in batches (see ``benchmarks/bench_predict.py``). Per-channel weight
   scales keep accuracy in convolutions whose channels differ in range.
 - **An all-integer graph** (``integer_graph``). ONNX Runtime has no integer batch norm, and a DenseNet's
-  norms come *before* their convolutions (on the concatenated features), so they cannot be folded into
-  one: quantized as exported, each dense layer went back to float (dequantize, BatchNormalization, Relu,
-  quantize) and the integer convolutions' NHWC layout paid a Transpose on each side. On the recipe's
-  model that was 47% of the time (Transpose 18, float BatchNormalization 13, Dequantize 10, Quantize
-  6) and INT8 ran batches at 1.03x fp32. The same arithmetic is rewritten before calibration: each
-  remaining BatchNormalization becomes the per-channel affine it is, a depthwise 1x1 convolution; each
+  norms come *before* their convolutions (on the concatenated features), so they cannot be folded into one:
+  quantized as exported, each dense layer went back to float (dequantize, BatchNormalization, Relu,
+  quantize) and the integer convolutions' NHWC layout paid a Transpose on each side. On the recipe's model
+  that was 47% of the time (Transpose 18, float BatchNormalization 13, Dequantize 10, Quantize 6) and INT8
+  ran batches at 1.03x fp32 (1.69x with the rewrite). The same arithmetic is rewritten before calibration:
+  each remaining BatchNormalization becomes the per-channel affine it is, a depthwise 1x1 convolution; each
   squeeze-and-excitation's ReduceMean, Gemm, Gemm, Unsqueeze become GlobalAveragePool and two 1x1
-  convolutions. Every operator then has an integer kernel: 2 quantize/dequantize nodes are left of 242,
-  2 Transposes of 124. What remains is the network's own work: integer convolutions 69%, the
-  concatenations 18% (they copy the growing feature maps, requantizing each input to the output's
-  scale; one scale per dense block would make them plain copies but changed 6% of the answers).
+  convolutions. Every operator then has an integer kernel: 2 quantize/dequantize nodes are left of 242, 2
+  Transposes of 124. What remains is the network's own work: integer convolutions 69%, the concatenations
+  18% (they copy the growing feature maps, requantizing each input to the output's scale; one scale per
+  dense block would make them plain copies but changed 6% of the answers).
 - **Percentile calibration** (99.999th percentile of each activation's histogram) rather than the extremes
   (MinMax): one outlier activation no longer stretches a tensor's range. On the TrashNet recipe's model it
   kept 97.8% of the answers against 96.5% for MinMax (``--calibration_method`` chooses).
