@@ -370,21 +370,22 @@ class ImageClassifier(L.LightningModule):
         return next((c for c in self.trainer.callbacks if isinstance(c, Timer)), None)
 
     def on_train_epoch_start(self) -> None:
-        self._epoch_start = self._step_end = time.monotonic()
+        self._epoch_start = time.monotonic()
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         """With a time budget: hold the plan to the clock, so that a sudden slowdown still ends at the floor."""
         timer = self._timer()
         if self.plan is None or timer is None or self._epoch_start is None:
             return
-        now = time.monotonic()
-        # The slower of this epoch's mean step and the latest step: a machine that just slowed down counts.
-        per_step = max((now - self._epoch_start) / (batch_idx + 1), now - self._step_end)
-        self._step_end = now
+        per_step = (time.monotonic() - self._epoch_start) / (batch_idx + 1)  # this epoch's mean step
         # From the first process's clock, as the budget's own check is (one broadcast a step, as Lightning's).
         per_step, left = self.trainer.strategy.broadcast((per_step, timer.time_remaining()))
+        batches = self.trainer.num_training_batches
+        epoch_end = None
+        if math.isfinite(batches):
+            epoch_end = self.global_step + math.ceil((batches - batch_idx - 1) / self.trainer.accumulate_grad_batches)
         if left is not None:
-            self.plan.hurry(self.global_step, left, per_step)
+            self.plan.hurry(self.global_step, left, per_step, epoch_end)
 
     def _plan_epochs(self) -> None:
         """With a time budget: plan the epochs that still fit, and stop after the last one (at the floor)."""

@@ -14,8 +14,8 @@ ends the run on an epoch boundary, validated and checkpointed, at the floor.
 The plan keeps room for the slowest recent epoch and half an epoch more. A machine that slows down by more
 than that *during* an epoch (another program starts, the disk stalls) would still be stopped by the budget
 before the plan's end, above the floor. So after every step the plan is also held to the clock
-(:meth:`TimePlan.hurry`): when the steps still planned no longer fit in the time left at the current step
-time, the cosine is bent to reach the floor at the last step that fits. The budget then stops the run at
+(:meth:`TimePlan.hurry`): when the budget will run out before the end of the current epoch at this epoch's
+step time, the cosine is bent to reach the floor at the last step that fits. The budget then stops the run at
 the floor, in the middle of an epoch (Lightning validates and checkpoints the weights it stops with). For
 the same reason, when a slowdown leaves no room for a whole epoch more while the cosine is still above its
 floor, the plan runs one more anyway, and the clock check brings it to the floor by the last step that fits.
@@ -127,15 +127,19 @@ class TimePlan:
         self.end_step, self.planned_epochs = max(end, self.anchor_step), planned
         return planned
 
-    def hurry(self, step: int, seconds_left: float, seconds_per_step: float) -> bool:
-        """Bend the cosine to end at the last step that fits in ``seconds_left``, if the plan's end does not.
+    def hurry(self, step: int, seconds_left: float, seconds_per_step: float, epoch_end_step: int | None = None) -> bool:
+        """Bend the cosine to end at the last step that fits in ``seconds_left``, if the budget will run out
+        before the end of the current epoch (``epoch_end_step``) or of the plan, whichever is first.
 
-        Returns whether the plan changed. Progress stays continuous, as in :meth:`replan`.
+        Only then: a slowdown that leaves this epoch whole is the next :meth:`replan`'s to absorb, so a noisy
+        step early in a run never shortens its schedule. Returns whether the plan changed; progress stays
+        continuous, as in :meth:`replan`.
         """
         if self.end_step is None or step < self.warmup_steps or seconds_per_step <= 0:
             return False
         fits = max(math.floor(seconds_left / seconds_per_step) - 1, 0)  # one step kept for the budget's own check
-        if self.end_step - step <= fits:
+        horizon = self.end_step if epoch_end_step is None else min(self.end_step, epoch_end_step)
+        if horizon - step <= fits:
             return False
         # With no step to spare the floor starts now; else the cosine goes on, steeper, to 1 at the last step.
         self.anchor_step, self.anchor_progress = step, 1.0 if fits == 0 else self.progress(step)

@@ -62,7 +62,7 @@ def run_against_clock(step_seconds, budget: float, hurry: bool, steps_per_epoch:
             opt.step()
             scheduler.step()
             if hurry:
-                plan.hurry(scheduler.last_epoch, budget - used, seconds)
+                plan.hurry(scheduler.last_epoch, budget - used, seconds, (epoch + 1) * steps_per_epoch)
             if used >= budget:
                 return opt.param_groups[0]["lr"], epoch + 1, used
         epoch += 1
@@ -140,11 +140,11 @@ def test_a_budgeted_run_ends_at_the_floor_and_a_slower_one_runs_fewer_epochs(tmp
 @pytest.mark.xdist_group("processes")  # never beside another test that runs several processes
 def test_a_run_that_stalls_mid_plan_is_stopped_at_the_floor(tmp_path):
     make_folder(tmp_path / "data", {"cardboard": 12, "glass": 12})
-    # 5 batches an epoch; from the third epoch on each takes 4.5 s more: the budget runs out inside that epoch,
+    # 5 batches an epoch; from the third epoch on each takes 6 s more: the budget runs out inside that epoch,
     # long before the end the plan made from the first two.
     run_cli(["fit", *TINY, "--data.root", "data", "--data.batch_size", "4", "--model.schedule", "time",
              "--trainer.max_time", "00:00:00:20", "--model.warmup_epochs", "1", "--model.lr", "0.002",
-             "--model.lrf", "0.01", "--trainer.callbacks+=inject.SlowDown", "--trainer.callbacks.seconds=4.5",
+             "--model.lrf", "0.01", "--trainer.callbacks+=inject.SlowDown", "--trainer.callbacks.seconds=6.0",
              "--trainer.callbacks.from_epoch=2"], tmp_path)
     run = newest_run(tmp_path)
     last = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
