@@ -202,7 +202,7 @@ def integer_graph(model):
             if found is None or attrs(node).get("keepdims", 1) != 0 or axes(node) not in ([2, 3], [-2, -1]) \
                     or axes(found[5]) not in ([2, 3], [-2, -1]):
                 continue
-            mean, *gemms = found[0], found[1], found[3]
+            mean, gemms, sigmoid, unsqueeze = found[0], (found[1], found[3]), found[4], found[5]
             if any(g.input[1] not in initializers or (len(g.input) > 2 and g.input[2] not in initializers)
                    for g in gemms):
                 continue
@@ -218,9 +218,8 @@ def integer_graph(model):
                                            f"{gemm.output[0]}_conv_bias"))
                 replaced[id(gemm)] = [helper.make_node("Conv", inputs, list(gemm.output), name=f"{gemm.name}_conv",
                                                        kernel_shape=[1, 1])]
-            unsqueeze = found[5]
-            replaced[id(unsqueeze)] = []
-            renamed[unsqueeze.output[0]] = found[4].output[0]
+            replaced[id(unsqueeze)] = []  # the scale stays 4-D: the Mul takes the Sigmoid's output
+            renamed[unsqueeze.output[0]] = sigmoid.output[0]
     nodes = [new for node in graph.node for new in replaced.get(id(node), [node])]
     for node in nodes:
         for k, name in enumerate(node.input):

@@ -13,12 +13,17 @@ from sedense import trainer as sedense_trainer
 from sedense.schedule import TimePlan, WarmupCosine, cosine_factor, ema_update
 
 
+def budgeted(steps_per_epoch: int, warmup_steps: int, lrf: float):
+    """A time plan and the schedule it drives, on an optimiser of lr 1 (its rate is the schedule's factor)."""
+    plan = TimePlan(steps_per_epoch, warmup_steps)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    return plan, opt, WarmupCosine(opt, warmup_steps, lrf, plan.progress)
+
+
 def simulate(epoch_seconds, budget: float, steps_per_epoch: int = 10, warmup_epochs: int = 1, lrf: float = 0.01):
     """Run a plan against a clock: ``epoch_seconds(e)`` is how long epoch ``e`` takes. Returns the factors per step,
     the epochs run and the seconds used."""
-    plan = TimePlan(steps_per_epoch, warmup_epochs * steps_per_epoch)
-    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    scheduler = WarmupCosine(opt, warmup_epochs * steps_per_epoch, lrf, plan.progress)
+    plan, opt, scheduler = budgeted(steps_per_epoch, warmup_epochs * steps_per_epoch, lrf)
     factors, used, epoch = [], 0.0, 0
     while True:
         for _ in range(steps_per_epoch):
@@ -50,9 +55,7 @@ def test_a_machine_that_slows_down_mid_run_still_ends_at_the_floor():
 def run_against_clock(step_seconds, budget: float, hurry: bool, steps_per_epoch: int = 10, lrf: float = 0.01):
     """Steps against a clock that stops the run at ``budget`` (checked after every step, as Lightning's Timer does);
     ``step_seconds(epoch, plan)`` is how long a step takes. Returns the last rate, epochs started and seconds used."""
-    plan = TimePlan(steps_per_epoch, steps_per_epoch)
-    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    scheduler = WarmupCosine(opt, steps_per_epoch, lrf, plan.progress)
+    plan, opt, scheduler = budgeted(steps_per_epoch, steps_per_epoch, lrf)
     used, epoch = 0.0, 0
     while True:
         start = used
