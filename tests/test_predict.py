@@ -107,12 +107,40 @@ def test_onnx_predictions_equal_pytorch(trained, onnx_export):
         assert float(a["confidence"]) == pytest.approx(float(b["confidence"]), abs=1e-4)
 
 
-def test_the_integer_graph_computes_what_the_exported_model_does(trained, onnx_export):
-    import numpy as np
+def onnx_outputs(model, names: list[str], images):
+    """The tensors ``names`` of an ONNX ``model`` on ``images``, run by ONNX Runtime."""
     import onnx
     import onnxruntime as ort
 
-    from sedense.quantize import integer_graph
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    probe.graph.output.extend(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None)
+                              for n in names if n not in {o.name for o in probe.graph.output})
+    session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(names, {"images": images})
+
+
+def plain_densenet(path: Path) -> Path:
+    """A tiny DenseNet without squeeze-and-excitation, its norms given uneven statistics, exported to ONNX."""
+    import torch
+
+    from sedense.export import export_onnx
+    from sedense.models import SEDenseNet
+
+    torch.manual_seed(0)
+    net = SEDenseNet(growth_rate=4, block_config=(2, 2), num_init_features=8, num_classes=3, se_reduction=0).eval()
+    for norm in (m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+        norm.running_var.uniform_(0.05, 4.0)
+        norm.weight.data.uniform_(0.2, 3.0)
+    export_onnx(net, torch.randn(2, 3, 16, 16), path)
+    return path
+
+
+def test_the_integer_graph_computes_what_the_exported_model_does(trained, onnx_export):
+    import numpy as np
+    import onnx
+
+    from sedense.int8_graph import integer_graph
 
     exported = trained / "lightning_logs" / "version_0" / "export" / "model.onnx"
     model = onnx.load(str(exported))
@@ -123,10 +151,40 @@ def test_the_integer_graph_computes_what_the_exported_model_does(trained, onnx_e
     assert before["BatchNormalization"] > 0 and after["BatchNormalization"] == 0
     # 2 dense layers a block, 2 blocks: each layer's squeeze-and-excitation is pooled and convolved, not reshaped
     assert before["Unsqueeze"] == 4 and after["Unsqueeze"] == 0 and after["GlobalAveragePool"] == 4
+    # each block's last concatenation takes the one before it and the new feature, not all the features again
+    widths = [len(n.input) for n in rewritten.graph.node if n.op_type == "Concat"]
+    assert widths == [2, 2, 2, 2] and before["Concat"] == 4
+    # the transition's 1x1 convolution and 2x2 average pool are one 2x2 convolution of stride 2
+    assert before["AveragePool"] == 1 and after["AveragePool"] == 0
     images = np.random.default_rng(0).normal(size=(5, 3, 16, 16)).astype(np.float32)
-    logits = [ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
-              .run(None, {"images": images})[0] for m in (onnx.load(str(exported)), rewritten)]
+    logits = [onnx_outputs(m, ["logits"], images)[0] for m in (onnx.load(str(exported)), rewritten)]
     assert np.abs(logits[0] - logits[1]).max() < 1e-4 * max(1.0, np.abs(logits[0]).max())
+
+
+@pytest.mark.parametrize("squeeze", [True, False], ids=["se_densenet", "plain_densenet"])
+def test_equalized_features_share_one_range_and_the_model_computes_the_same(trained, onnx_export, tmp_path, squeeze):
+    import numpy as np
+    import onnx
+
+    from sedense.int8_graph import equalize, integer_graph
+
+    exported = (trained / "lightning_logs" / "version_0" / "export" / "model.onnx" if squeeze
+                else plain_densenet(tmp_path / "plain.onnx"))
+    model = integer_graph(onnx.load(str(exported)))
+    images = np.random.default_rng(1).normal(size=(6, 3, 16, 16)).astype(np.float32)
+    joined = [n.output[0] for n in model.graph.node if n.op_type == "Concat"]
+    features = sorted({i for n in model.graph.node if n.op_type == "Concat" for i in n.input} - set(joined))
+    spread = [np.abs(v).max(axis=(0, 2, 3)) for v in onnx_outputs(model, features, images)]
+    assert max(s.max() / s.min() for s in spread) > 2  # the channels' ranges differ before
+    before = onnx_outputs(model, ["logits"], images)[0]
+    ranges = equalize(model, lambda m, names: [onnx_outputs(m, names, images)])
+    onnx.checker.check_model(model)
+    assert set(ranges) == set(features) | set(joined) and len(set(ranges.values())) == 2  # one range a block
+    after = onnx_outputs(model, ["logits"], images)[0]
+    assert np.abs(after - before).max() < 1e-4 * max(1.0, np.abs(before).max())
+    for name, value in zip(ranges, onnx_outputs(model, list(ranges), images)):
+        largest = np.abs(value).max(axis=(0, 2, 3))
+        np.testing.assert_allclose(largest[largest > 1e-4 * ranges[name]], ranges[name], rtol=1e-4, err_msg=name)
 
 
 def test_int8_export_is_checked_against_fp32_and_predicts(trained, tmp_path, monkeypatch):
@@ -142,7 +200,19 @@ def test_int8_export_is_checked_against_fp32_and_predicts(trained, tmp_path, mon
     # Integer from the input to the final pooling: no float norm, activation or squeeze-and-excitation
     # between the integer operators, so no dequantize/quantize pair around each (there were 2 a layer).
     assert ops["QuantizeLinear"] == 2 and ops["DequantizeLinear"] == 2 and ops["QLinearConcat"] == 4
-    assert not {"BatchNormalization", "Relu", "Sigmoid", "Gemm", "Mul", "Unsqueeze"} & set(ops)
+    assert not {"BatchNormalization", "Relu", "Sigmoid", "Gemm", "Mul", "Unsqueeze", "QLinearAveragePool"} & set(ops)
+    # A block's features share their concatenations' scale and zero point, so the integer concatenation copies
+    # them (where a stem's max pool makes a block's first feature, that one input keeps its input's scale).
+    quantized = onnx.load(str(out / "model.int8.onnx")).graph
+    constants = {i.name: onnx.numpy_helper.to_array(i).item() for i in quantized.initializer if i.dims == []}
+    made_by = {o: n.op_type for n in quantized.node for o in n.output}
+    copied, requantized = [], []
+    for node in (n for n in quantized.node if n.op_type == "QLinearConcat"):
+        shared = (constants[node.input[0]], constants[node.input[1]])
+        for k in range(2, len(node.input), 3):
+            same = (constants[node.input[k + 1]], constants[node.input[k + 2]]) == shared
+            (copied if same else requantized).append(made_by[node.input[k]])
+    assert len(copied) == 8 and requantized == []  # 4 concatenations of 2 inputs
     report = json.loads((out / "quantization.json").read_text())
     assert report["calibration_images"] == 18 and report["images"] == 6  # the run's own training / validation split
     assert report["confident_agreement"] >= 0.99 and "INT8 check on 6 labelled images" in proc.stdout
