@@ -146,6 +146,7 @@ class ImageClassifier(L.LightningModule):
         self._train_forward = None  # the compiled network's forward, for training steps only
         self.plan: TimePlan | None = None  # with schedule "time": the epochs that fit in the budget
         self._epoch_start: float | None = None
+        self._last_step_end: float | None = None
         try:
             self.net = build_model(
                 arch,
@@ -370,7 +371,7 @@ class ImageClassifier(L.LightningModule):
         return next((c for c in self.trainer.callbacks if isinstance(c, Timer)), None)
 
     def on_train_epoch_start(self) -> None:
-        self._epoch_start = time.monotonic()
+        self._epoch_start, self._last_step_end = time.monotonic(), None
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         """With a time budget: hold the plan to the clock, so that a sudden slowdown still ends at the floor."""
@@ -386,6 +387,7 @@ class ImageClassifier(L.LightningModule):
             epoch_end = self.global_step + math.ceil((batches - batch_idx - 1) / self.trainer.accumulate_grad_batches)
         if left is not None:
             self.plan.hurry(self.global_step, left, per_step, epoch_end)
+        self._last_step_end = time.monotonic()
 
     def _plan_epochs(self) -> None:
         """With a time budget: plan the epochs that still fit, and stop after the last one (at the floor)."""
@@ -394,8 +396,11 @@ class ImageClassifier(L.LightningModule):
             return
         done = self.current_epoch + 1
         # Every process plans from the first one's clock: the same epochs, and the same learning rates.
-        seconds, left = self.trainer.strategy.broadcast((time.monotonic() - self._epoch_start, timer.time_remaining()))
-        planned = self.plan.replan(done, self.global_step, seconds, left or 0.0)
+        now = time.monotonic()
+        after_steps = now - self._last_step_end if self._last_step_end is not None else 0.0  # validation, reports
+        seconds, left, after_steps = self.trainer.strategy.broadcast(
+            (now - self._epoch_start, timer.time_remaining(), after_steps))
+        planned = self.plan.replan(done, self.global_step, seconds, left or 0.0, after_steps)
         self.log("planned_epochs", float(planned), rank_zero_only=True)
         if done >= planned:
             self.trainer.should_stop = True

@@ -18,7 +18,9 @@ before the plan's end, above the floor. So after every step the plan is also hel
 step time, the cosine is bent to reach the floor at the last step that fits. The budget then stops the run at
 the floor, in the middle of an epoch (Lightning validates and checkpoints the weights it stops with). For
 the same reason, when a slowdown leaves no room for a whole epoch more while the cosine is still above its
-floor, the plan runs one more anyway, and the clock check brings it to the floor by the last step that fits.
+floor, the plan runs one more anyway, and the clock check brings it to the floor by the last step that fits;
+and when a slow epoch (its steps, and so its validation and reports) will leave less than two steps' time
+after it, the clock check makes it the last and brings it to the floor at its end.
 """
 
 from __future__ import annotations
@@ -91,6 +93,7 @@ class TimePlan:
     max_epochs: int | None = None
     margin: float = 0.5
     epoch_times: list[float] = field(default_factory=list)
+    end_times: list[float] = field(default_factory=list)  # from each epoch's last step to its end (validation...)
     planned_epochs: int | None = None
     anchor_step: int = 0  # progress goes linearly from (anchor_step, anchor_progress) to (end_step, 1)
     anchor_progress: float = 0.0
@@ -102,16 +105,34 @@ class TimePlan:
         span = max(self.end_step - self.anchor_step, 1)
         return min(1.0, self.anchor_progress + (1 - self.anchor_progress) * (step - self.anchor_step) / span)
 
-    def typical_epoch_time(self) -> float:
-        times = self.epoch_times[1:] if len(self.epoch_times) > 1 else self.epoch_times
-        return max(max(times[-3:]), 1e-6)
+    @staticmethod
+    def recent_longest(times: list[float]) -> float:
+        """The longest of the latest three, the first left out when there are others."""
+        times = times[1:] if len(times) > 1 else times
+        return max(times[-3:], default=0.0)
 
-    def replan(self, epochs_done: int, step: int, epoch_seconds: float, seconds_left: float) -> int:
-        """After ``epochs_done`` epochs (``step`` steps, the last epoch ``epoch_seconds`` long): the epochs to run."""
+    def typical_epoch_time(self) -> float:
+        return max(self.recent_longest(self.epoch_times), 1e-6)
+
+    def typical_end_time(self) -> float:
+        """Seconds from an epoch's last step to its end (validation, reports, checkpoints), as planned with."""
+        return self.recent_longest(self.end_times)
+
+    def typical_step_time(self) -> float:
+        """Seconds of one training step, as planned with (an epoch's time without its end, over its steps)."""
+        ends = self.end_times + [0.0] * (len(self.epoch_times) - len(self.end_times))  # plans saved before end_times
+        steps = [max(e - end, 0.0) / self.steps_per_epoch for e, end in zip(self.epoch_times, ends)]
+        return max(self.recent_longest(steps), 1e-9)
+
+    def replan(self, epochs_done: int, step: int, epoch_seconds: float, seconds_left: float,
+               end_seconds: float = 0.0) -> int:
+        """After ``epochs_done`` epochs (``step`` steps, the last epoch ``epoch_seconds`` long, ``end_seconds`` of
+        them after its last step): the epochs to run."""
         self.epoch_times.append(float(epoch_seconds))
+        self.end_times.append(float(end_seconds))
         typical = self.typical_epoch_time()
         more = max(0, math.floor(seconds_left / typical - self.margin))
-        if more == 0 and self.progress(step) < 1 and seconds_left >= typical / self.steps_per_epoch:
+        if more == 0 and self.progress(step) < 1 and seconds_left >= self.typical_step_time():
             # The machine slowed down and the cosine is still above its floor: one more epoch, which the
             # clock check (``hurry``) brings to the floor by the last step that fits, if it does not fit whole.
             more = 1
@@ -127,23 +148,36 @@ class TimePlan:
         self.end_step, self.planned_epochs = max(end, self.anchor_step), planned
         return planned
 
-    def hurry(self, step: int, seconds_left: float, seconds_per_step: float, epoch_end_step: int | None = None) -> bool:
+    def hurry(self, step: int, seconds_left: float, seconds_per_step: float, epoch_end_step: int | None = None,
+              end_seconds: float | None = None) -> bool:
         """Bend the cosine to end at the last step that fits in ``seconds_left``, if the budget will run out
-        before the end of the current epoch (``epoch_end_step``) or of the plan, whichever is first.
+        before the end of the current epoch (``epoch_end_step``) or of the plan, whichever is first; or to end
+        with this epoch, if the plan goes on after it but the time left after it (its remaining steps and
+        ``end_seconds`` of validation and reports: by default the planned ones, as much slower as this epoch's
+        steps are) would hold less than two steps: the next :meth:`replan` could then plan no step more, and
+        the run would stop above the floor.
 
-        Only then: a slowdown that leaves this epoch whole is the next :meth:`replan`'s to absorb, so a noisy
-        step early in a run never shortens its schedule. Returns whether the plan changed; progress stays
-        continuous, as in :meth:`replan`.
+        Only then: a slowdown that leaves this epoch whole and time after it is the next :meth:`replan`'s to
+        absorb, so a noisy step early in a run never shortens its schedule. Returns whether the plan changed;
+        progress stays continuous, as in :meth:`replan`.
         """
         if self.end_step is None or step < self.warmup_steps or seconds_per_step <= 0:
             return False
         fits = max(math.floor(seconds_left / seconds_per_step) - 1, 0)  # one step kept for the budget's own check
         horizon = self.end_step if epoch_end_step is None else min(self.end_step, epoch_end_step)
-        if horizon - step <= fits:
+        if end_seconds is None:  # as planned with, slowed down as much as this epoch's steps are
+            end_seconds = self.typical_end_time() * max(1.0, seconds_per_step / self.typical_step_time())
+        last = epoch_end_step is not None and self.end_step > epoch_end_step and \
+            seconds_left - (epoch_end_step - step) * seconds_per_step - end_seconds < 2 * seconds_per_step
+        if last:
+            end = min(epoch_end_step, step + fits)
+        elif horizon - step > fits:
+            end = step + fits
+        else:
             return False
         # With no step to spare the floor starts now; else the cosine goes on, steeper, to 1 at the last step.
-        self.anchor_step, self.anchor_progress = step, 1.0 if fits == 0 else self.progress(step)
-        self.end_step = step + fits
+        self.anchor_step, self.anchor_progress = step, 1.0 if end == step else self.progress(step)
+        self.end_step = end
         return True
 
     def state_dict(self) -> dict:
