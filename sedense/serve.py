@@ -9,6 +9,12 @@ Each upload is decoded once, in a thread of the HTTP process (never on its event
 the model's input pixels there: a file that cannot be decoded gets its own ``400`` before it reaches the
 model, so it can never fail the other requests it would have been batched with. The model workers
 receive pixels only.
+
+Batches follow the load. Each request tells the model worker how many requests were in the service with it
+(its *company*); a batch is then closed as soon as it holds as many as came together last time (up to
+``--max_batch_size``), or after ``--batch_timeout``. A lone user's photo is classified at once, without waiting
+for company that will not come; under load the batches fill up instead of going out half-empty, which on a
+CPU costs most (in batches of 32 the recipe's model classifies 4.5x more images a second than one by one).
 """
 
 from __future__ import annotations
@@ -74,11 +80,19 @@ class ImageUploadMiddleware:
         self.app, self.max_bytes, self.path = app, max_bytes, path
         self.decode = UploadDecoder(preprocessing)
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="sedense-decode")
+        self.in_flight = 0  # requests being received, decoded, classified or answered
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http" or scope["path"] != self.path or scope["method"] != "POST":
             await self.app(scope, receive, send)
             return
+        self.in_flight += 1
+        try:
+            await self._predict(scope, receive, send)
+        finally:
+            self.in_flight -= 1
+
+    async def _predict(self, scope, receive, send) -> None:
         body, more = b"", True
         while more:
             message = await receive()
@@ -96,7 +110,7 @@ class ImageUploadMiddleware:
             return
         explain = parse_qs(scope.get("query_string", b"").decode("latin-1")).get("explain", ["0"])[-1]
         payload = json.dumps({"pixels": base64.b64encode(pixels.tobytes()).decode("ascii"),
-                              "height": pixels.shape[0], "width": pixels.shape[1],
+                              "height": pixels.shape[0], "width": pixels.shape[1], "company": self.in_flight,
                               "explain": explain.lower() in ("1", "true", "yes")}).encode()
         headers = [(k, v) for k, v in scope["headers"] if k not in (b"content-type", b"content-length")]
         headers += [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
@@ -169,23 +183,37 @@ class ClassifierAPI(ls.LitAPI if ls is not None else object):
     """Normalises decoded pixels, classifies a batch of them, answers top-k JSON per image."""
 
     def __init__(self, ckpt_path: Path, top_k: int, max_batch_size: int, batch_timeout: float,
-                 trusted: bool = False) -> None:
+                 trusted: bool = False, workers: int = 1) -> None:
         super().__init__(max_batch_size=max_batch_size, batch_timeout=batch_timeout)
-        self.ckpt_path, self.top_k, self.trusted = ckpt_path, top_k, trusted
+        self.ckpt_path, self.top_k, self.trusted, self.workers = ckpt_path, top_k, trusted, workers
+        self.loop  # noqa: B018 - LitServe picks its batching loop now, for the largest batch
+
+    @property
+    def max_batch_size(self) -> int:
+        """The batch LitServe waits to fill (for at most ``batch_timeout``): this worker's share of the requests
+        that came together last time, up to the limit (the limit itself until a batch has been seen)."""
+        return max(1, min(self.batch_limit, -(-self.together // self.workers)))
+
+    @max_batch_size.setter
+    def max_batch_size(self, value: int) -> None:
+        self.batch_limit = self.together = int(value)
 
     def setup(self, device) -> None:
         self.model, self.preprocessing = inference_model(self.ckpt_path, self.trusted)
         self.explainable = isinstance(getattr(self.model.net, "features", None), torch.nn.Sequential)
         self.model.to(device)
+        self.together = 1  # no company expected until requests come together
         self.device = device
         self.normalize = self.preprocessing.normalize()
 
     def decode_request(self, request) -> dict:
         pixels = np.frombuffer(base64.b64decode(request["pixels"]), dtype=np.uint8)
         pixels = pixels.reshape(request["height"], request["width"], 3).copy()
-        return {"x": self.normalize(torch.from_numpy(pixels).permute(2, 0, 1)), "explain": bool(request.get("explain"))}
+        return {"x": self.normalize(torch.from_numpy(pixels).permute(2, 0, 1)), "explain": bool(request.get("explain")),
+                "company": int(request.get("company", 1))}
 
     def batch(self, inputs: list[dict]) -> dict:
+        self.together = max(i["company"] for i in inputs)  # the next batch waits for as many
         return {"x": torch.stack([i["x"] for i in inputs]), "explain": [i["explain"] for i in inputs]}
 
     def predict(self, inputs: dict) -> dict | list[dict]:
@@ -235,12 +263,12 @@ def wait_until_healthy(url: str, timeout: float = 180.0) -> bool:
 
 
 def build_server(ckpt_path: Path, preprocessing: Preprocessing, top_k: int = 5, max_batch_size: int = 8,
-                 batch_timeout: float = 0.01, max_upload_mb: float = 10.0, accelerator: str = "auto",
+                 batch_timeout: float = 0.05, max_upload_mb: float = 10.0, accelerator: str = "auto",
                  workers_per_device: int = 1, trusted: bool = False, class_names: list[str] | None = None,
                  threshold: float = 0.5):
     """A LitServer for the classifier in ``ckpt_path`` (GET / the page, POST /predict, GET /health)."""
     require_litserve()
-    api = ClassifierAPI(ckpt_path, top_k, max_batch_size, batch_timeout, trusted)
+    api = ClassifierAPI(ckpt_path, top_k, max_batch_size, batch_timeout, trusted, workers_per_device)
     upload_options = {"max_bytes": int(max_upload_mb * 2**20), "preprocessing": preprocessing}
     page = {"classes": list(class_names or []), "threshold": threshold, "max_upload_mb": max_upload_mb,
             "max_upload_bytes": int(max_upload_mb * 2**20), "predict": "/predict"}
@@ -281,7 +309,9 @@ def serve_command(argv: list[str]) -> None:
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--top_k", type=int, default=5, help="classes listed per image")
     parser.add_argument("--max_batch_size", type=int, default=8, help="concurrent requests classified together")
-    parser.add_argument("--batch_timeout", type=float, default=0.01, help="seconds to wait to fill a batch")
+    parser.add_argument("--batch_timeout", type=float, default=0.05,
+                        help="at most this many seconds to fill a batch with the requests expected to come "
+                             "with it (a lone request is not kept waiting)")
     parser.add_argument("--max_upload_mb", type=float, default=10.0, help="larger uploads get 413")
     parser.add_argument("--accelerator", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     parser.add_argument("--threshold", type=float, default=0.5,

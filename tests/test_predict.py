@@ -328,6 +328,29 @@ def test_service_answers_a_concurrent_burst_and_rejects_bad_uploads(trained, ser
     assert not re.search(r"""(src|href)=["']?(https?:)?//""", page.text) and "@import" not in page.text  # offline
 
 
+def test_a_lone_request_is_not_kept_waiting_for_a_batch_to_fill(trained):
+    import time
+
+    import requests
+
+    files = sorted((trained / "data").rglob("*.png"))
+    # A long batch timeout: a batch may wait that long for the requests that come with it, but a lone user's
+    # photo comes with none (it waited the whole timeout, every time).
+    with serving(trained, "--ckpt_path", "best", "--batch_timeout", "4", "--max_batch_size", "8") as url:
+        def post(path: Path) -> tuple[float, dict]:
+            start = time.perf_counter()
+            answer = requests.post(f"{url}/predict", data=path.read_bytes(), timeout=60)
+            return time.perf_counter() - start, answer.json()
+
+        lone = [post(path)[0] for path in files[:3]]
+        with ThreadPoolExecutor(8) as pool:  # then 8 users at once: batched together, all answered
+            burst = list(pool.map(post, files[3:11]))
+        after = [post(path) for path in files[11:14]]
+    assert max(lone) < 2.0, lone
+    assert all("class" in answer for _, answer in burst + after)
+    assert sorted(seconds for seconds, _ in after)[1] < 2.0  # alone again: no more waiting
+
+
 @pytest.mark.parametrize("option", [["--top_k", "0"], ["--max_batch_size", "0"], ["--port", "70000"]])
 def test_service_refuses_impossible_options_at_start_up(option, capsys):
     from sedense.cli import main
