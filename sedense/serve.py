@@ -186,12 +186,16 @@ class ClassifierAPI(ls.LitAPI if ls is not None else object):
                  trusted: bool = False, workers: int = 1) -> None:
         super().__init__(max_batch_size=max_batch_size, batch_timeout=batch_timeout)
         self.ckpt_path, self.top_k, self.trusted, self.workers = ckpt_path, top_k, trusted, workers
-        self.loop  # noqa: B018 - LitServe picks its batching loop now, for the largest batch
+        if isinstance(getattr(type(self), "loop", None), property):
+            self.loop  # noqa: B018 - LitServe picks its loop (batched or not) now, from the largest batch
 
     @property
     def max_batch_size(self) -> int:
         """The batch LitServe waits to fill (for at most ``batch_timeout``): this worker's share of the requests
         that came together last time, up to the limit (the limit itself until a batch has been seen)."""
+        if getattr(self, "choosing_loop", False):
+            self.choosing_loop = False
+            return self.batch_limit
         return max(1, min(self.batch_limit, -(-self.together // self.workers)))
 
     @max_batch_size.setter
@@ -203,6 +207,8 @@ class ClassifierAPI(ls.LitAPI if ls is not None else object):
         self.explainable = isinstance(getattr(self.model.net, "features", None), torch.nn.Sequential)
         self.model.to(device)
         self.together = 1  # no company expected until requests come together
+        # Older LitServe reads the batch size once after setup() to choose its loop: it gets the limit then.
+        self.choosing_loop = isinstance(getattr(self, "_loop", "auto"), str)
         self.device = device
         self.normalize = self.preprocessing.normalize()
 
