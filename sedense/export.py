@@ -67,11 +67,13 @@ def run_onnx(path: Path, batch: torch.Tensor) -> np.ndarray:
     return session.run(None, {"images": batch.numpy()})[0]
 
 
-def onnx_session(path: str | Path):
+def onnx_session(model: str | Path | bytes):
+    """An ONNX Runtime session for a model file, or for a serialized model (``bytes``)."""
     ort = require_extra("onnxruntime", "running an ONNX model needs ONNX Runtime", "onnx")
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=ort.get_available_providers())
+    return ort.InferenceSession(model if isinstance(model, bytes) else str(model), options,
+                                providers=ort.get_available_providers())
 
 
 class OnnxNet(nn.Module):

@@ -120,13 +120,12 @@ def tensors_of(model, names: list[str], files: list[Path], pre: Preprocessing):
     """The float ``model``'s tensors ``names`` on the images ``files``, a batch at a time."""
     import onnx
 
-    ort = require_extra("onnxruntime", "INT8 export needs ONNX Runtime", "onnx")
+    from sedense.export import onnx_session
+
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     probe.graph.output.extend(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in names)
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session = onnx_session(probe.SerializeToString())
     for batch in batches(files, pre):
         yield session.run(names, {"images": batch})
 

@@ -148,13 +148,12 @@ class TimePlan:
         self.end_step, self.planned_epochs = max(end, self.anchor_step), planned
         return planned
 
-    def hurry(self, step: int, seconds_left: float, seconds_per_step: float, epoch_end_step: int | None = None,
-              end_seconds: float | None = None) -> bool:
+    def hurry(self, step: int, seconds_left: float, seconds_per_step: float, epoch_end_step: int | None = None) -> bool:
         """Bend the cosine to end at the last step that fits in ``seconds_left``, if the budget will run out
         before the end of the current epoch (``epoch_end_step``) or of the plan, whichever is first; or to end
-        with this epoch, if the plan goes on after it but the time left after it (its remaining steps and
-        ``end_seconds`` of validation and reports: by default the planned ones, as much slower as this epoch's
-        steps are) would hold less than two steps: the next :meth:`replan` could then plan no step more, and
+        with this epoch, if the plan goes on after it but the time left after it (its remaining steps and its
+        validation and reports, as planned with and as much slower as this epoch's steps are) would hold less
+        than two steps: the next :meth:`replan` could then plan no step more, and
         the run would stop above the floor.
 
         Only then: a slowdown that leaves this epoch whole and time after it is the next :meth:`replan`'s to
@@ -165,8 +164,7 @@ class TimePlan:
             return False
         fits = max(math.floor(seconds_left / seconds_per_step) - 1, 0)  # one step kept for the budget's own check
         horizon = self.end_step if epoch_end_step is None else min(self.end_step, epoch_end_step)
-        if end_seconds is None:  # as planned with, slowed down as much as this epoch's steps are
-            end_seconds = self.typical_end_time() * max(1.0, seconds_per_step / self.typical_step_time())
+        end_seconds = self.typical_end_time() * max(1.0, seconds_per_step / self.typical_step_time())
         last = epoch_end_step is not None and self.end_step > epoch_end_step and \
             seconds_left - (epoch_end_step - step) * seconds_per_step - end_seconds < 2 * seconds_per_step
         if last:
