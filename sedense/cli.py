@@ -39,6 +39,14 @@ from sedense.trainer import Trainer
 EVALUATION_OPTIONS = ("tta", "channels_last")
 
 
+
+def replaced_preprocessing(configured, saved: Preprocessing) -> list[str]:
+    """The preprocessing options set away from their defaults (in a config or on the command line) that a
+    checkpoint's own replace, each as ``name value (the checkpoint's: value)``."""
+    configured, default, saved = (p.to_dict() for p in (Preprocessing.from_dict(configured), Preprocessing(), saved))
+    return [f"{k} {configured[k]} (the checkpoint's: {saved[k]})" for k in configured
+            if configured[k] != default[k] and configured[k] != saved[k]]
+
 class _DropTips(logging.Filter):
     """Lightning advertises cloud services at start-up; the tips are noise in a local tool's output."""
 
@@ -155,7 +163,13 @@ class SedenseCLI(LightningCLI):
         cfg = self.config[sub]  # a new namespace: parse_object returned one
         if sub != "fit" and self.checkpoint.get("datamodule_hyper_parameters"):
             # How a model sees its images is part of the model: validate, test and predict use the checkpoint's.
-            cfg.data.preprocessing = Namespace(**Preprocessing.from_checkpoint(self.checkpoint).to_dict())
+            saved = Preprocessing.from_checkpoint(self.checkpoint)
+            unused = replaced_preprocessing(cfg.data.preprocessing, saved)
+            if unused:
+                say(f"data.preprocessing: {', '.join(unused)}: {sub} uses the checkpoint's, how the model was "
+                    "trained to see its images (to evaluate at a larger size than it trains on, fit with "
+                    "data.train_image_size)")
+            cfg.data.preprocessing = Namespace(**saved.to_dict())
 
     def _apply_model_hparams(self, parser: LightningArgumentParser, sub: str) -> None:
         """The checkpoint's model options replace the configured ones, but for evaluation options given by the user."""

@@ -141,6 +141,14 @@ def test_fit_reports_match_scikit_learn_on_predictions_of_the_best_checkpoint(tm
     validated = json.loads((val_dir / "metrics_val.json").read_text())["valid info"]
     assert flatten(validated) == pytest.approx(flatten(valid))
 
+    # A size set for a checkpoint is not silently dropped: the user is told the checkpoint's is used, and it is.
+    larger = run_cli(["validate", *TINY, "--data.root", str(data), "--ckpt_path", str(best),
+                      "--data.preprocessing.image_size", "24"], cwd=tmp_path)
+    assert "data.preprocessing: image_size 24 (the checkpoint's: 16): validate uses the checkpoint's" in larger.stdout
+    val_dir = max(tmp_path.glob("lightning_logs/version_*"), key=lambda p: int(p.name.split("_")[1]))
+    again = json.loads((val_dir / "metrics_val.json").read_text())["valid info"]
+    assert flatten(again) == pytest.approx(flatten(valid))
+
     # TensorBoard got the scalars, the pictures and the hyperparameters with the final metrics.
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
