@@ -39,13 +39,13 @@ from sedense.trainer import Trainer
 EVALUATION_OPTIONS = ("tta", "channels_last")
 
 
-
 def replaced_preprocessing(configured, saved: Preprocessing) -> list[str]:
     """The preprocessing options set away from their defaults (in a config or on the command line) that a
     checkpoint's own replace, each as ``name value (the checkpoint's: value)``."""
     configured, default, saved = (p.to_dict() for p in (Preprocessing.from_dict(configured), Preprocessing(), saved))
     return [f"{k} {configured[k]} (the checkpoint's: {saved[k]})" for k in configured
             if configured[k] != default[k] and configured[k] != saved[k]]
+
 
 class _DropTips(logging.Filter):
     """Lightning advertises cloud services at start-up; the tips are noise in a local tool's output."""

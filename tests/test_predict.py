@@ -8,6 +8,7 @@ import io
 import json
 import re
 import subprocess
+import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -329,8 +330,6 @@ def test_service_answers_a_concurrent_burst_and_rejects_bad_uploads(trained, ser
 
 
 def test_a_lone_request_is_not_kept_waiting_for_a_batch_to_fill(trained):
-    import time
-
     import requests
 
     files = sorted((trained / "data").rglob("*.png"))

@@ -9,7 +9,7 @@ import torch
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 from torchmetrics.classification import MulticlassConfusionMatrix
 
-from conftest import TINY, make_folder, run_cli
+from conftest import TINY, make_folder, newest_run, run_cli
 from sedense.reports import MEAN_KEYS, class_metrics, format_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -127,7 +127,7 @@ def test_fit_reports_match_scikit_learn_on_predictions_of_the_best_checkpoint(tm
     # `sedense test` writes the same report for its set and prints the table.
     test = run_cli(["test", *TINY, "--data.root", str(data), "--ckpt_path", str(best)], cwd=tmp_path)
     assert "macro avg" in test.stdout and "metrics_test.json" in test.stdout
-    test_dir = max(tmp_path.glob("lightning_logs/version_*"), key=lambda p: int(p.name.split("_")[1]))
+    test_dir = newest_run(tmp_path)
     report = json.loads((test_dir / "metrics_test.json").read_text())
     assert report["images"] == len(val)
     assert flatten(report["test info"]) == pytest.approx(flatten(valid))  # test defaults to the val subset
@@ -137,7 +137,7 @@ def test_fit_reports_match_scikit_learn_on_predictions_of_the_best_checkpoint(tm
 
     validate = run_cli(["validate", *TINY, "--data.root", str(data), "--ckpt_path", str(best)], cwd=tmp_path)
     assert "val set: " in validate.stdout and "macro avg" in validate.stdout
-    val_dir = max(tmp_path.glob("lightning_logs/version_*"), key=lambda p: int(p.name.split("_")[1]))
+    val_dir = newest_run(tmp_path)
     validated = json.loads((val_dir / "metrics_val.json").read_text())["valid info"]
     assert flatten(validated) == pytest.approx(flatten(valid))
 
@@ -145,7 +145,7 @@ def test_fit_reports_match_scikit_learn_on_predictions_of_the_best_checkpoint(tm
     larger = run_cli(["validate", *TINY, "--data.root", str(data), "--ckpt_path", str(best),
                       "--data.preprocessing.image_size", "24"], cwd=tmp_path)
     assert "data.preprocessing: image_size 24 (the checkpoint's: 16): validate uses the checkpoint's" in larger.stdout
-    val_dir = max(tmp_path.glob("lightning_logs/version_*"), key=lambda p: int(p.name.split("_")[1]))
+    val_dir = newest_run(tmp_path)
     again = json.loads((val_dir / "metrics_val.json").read_text())["valid info"]
     assert flatten(again) == pytest.approx(flatten(valid))
 
