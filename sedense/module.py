@@ -63,6 +63,8 @@ class ImageClassifier(L.LightningModule):
         mixup_alpha: MixUp's Beta(α, α) mixing of image pairs in each training batch (0: off).
         cutmix_alpha: CutMix's Beta(α, α) pasting of patches between images (0: off); with both
             on, each batch gets one of the two at random.
+        mix_prob: the share of training batches that MixUp/CutMix mix (timm's ``mixup_prob``); the others
+            train on the images as they are.
         ema_decay: keep an exponential moving average of the weights with this decay per step
             (e.g. 0.999); validation, checkpoints and the final model use the average.
         ema_warmup: let the average forget its start: the decay of the ``n``-th update is
@@ -106,6 +108,7 @@ class ImageClassifier(L.LightningModule):
         class_weights: Literal["balanced"] | list[float] | None = None,
         mixup_alpha: float = 0.0,
         cutmix_alpha: float = 0.0,
+        mix_prob: float = 1.0,
         ema_decay: float | None = None,
         ema_warmup: bool = False,
         channels_last: bool = False,
@@ -132,6 +135,8 @@ class ImageClassifier(L.LightningModule):
             raise ConfigError(
                 f"model.mixup_alpha and model.cutmix_alpha must be >= 0, got {mixup_alpha}, {cutmix_alpha}"
             )
+        if not 0 < mix_prob <= 1:
+            raise ConfigError(f"model.mix_prob must be in (0, 1], e.g. 0.5; got {mix_prob}")
         if ema_decay is not None and not 0 < ema_decay < 1:
             raise ConfigError(f"model.ema_decay must be in (0, 1), e.g. 0.999; got {ema_decay}")
         if pretrained and weights:
@@ -167,7 +172,7 @@ class ImageClassifier(L.LightningModule):
         # this module, and a buffer that appears in ``setup`` would shift that pairing.
         fixed = isinstance(class_weights, list)
         self.class_weight = torch.tensor(class_weights, dtype=torch.float32) if fixed else None
-        self.mix = batch_mixer(mixup_alpha, cutmix_alpha, len(class_names))
+        self.mix = batch_mixer(mixup_alpha, cutmix_alpha, len(class_names), mix_prob)
         if channels_last:
             self.net.to(memory_format=torch.channels_last)
         k = len(class_names)

@@ -17,6 +17,7 @@ RECIPE = """
 model:
   mixup_alpha: 0.2
   cutmix_alpha: 1.0
+  mix_prob: 0.5
   ema_decay: 0.9
   channels_last: true
   label_smoothing: 0.1
@@ -58,6 +59,22 @@ def test_batch_mixer_mixes_images_and_labels():
     assert batch_mixer(0.0, 0.0, 3) is None
 
 
+def test_batch_mixer_mixes_the_share_of_batches_it_is_given():
+    torch.manual_seed(0)
+    x = torch.stack([torch.full((3, 8, 8), float(i)) for i in range(4)])
+    y = torch.tensor([0, 1, 2, 0])
+    for prob, low, high in [(1.0, 200, 200), (0.25, 30, 72)]:
+        mixer, mixed = batch_mixer(0.4, 0.0, 3, prob), 0
+        for _ in range(200):
+            images, labels = mixer(x, y)
+            if labels.ndim == 2:  # soft labels: mixed, so the images are blends of neighbours
+                mixed += 1
+                assert labels.shape == (4, 3) and not torch.equal(images, x)
+            else:  # left as it was, with its class indices
+                assert torch.equal(images, x) and torch.equal(labels, y)
+        assert low <= mixed <= high, (prob, mixed)
+
+
 def test_cache_gives_the_same_validation_tensors_as_decoding(tmp_path):
     make_folder(tmp_path / "data", {"cardboard": 6, "glass": 6}, size=40)
     tensors = {}
@@ -73,7 +90,7 @@ def test_cache_gives_the_same_validation_tensors_as_decoding(tmp_path):
 @pytest.mark.parametrize(
     "option, says",
     [("--model.mixup_alpha=-1", "model.mixup_alpha"), ("--model.ema_decay=1.5", "model.ema_decay"),
-     ("--data.verify=deep", "data.verify")],
+     ("--model.mix_prob=0", "model.mix_prob"), ("--data.verify=deep", "data.verify")],
 )
 def test_bad_training_options_name_the_option(tmp_path, option, says):
     make_folder(tmp_path / "data", {"cardboard": 4, "glass": 4})

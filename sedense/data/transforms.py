@@ -36,8 +36,11 @@ def train_transform(
     return T.Compose([*ops, pre.normalize()])
 
 
-def batch_mixer(mixup_alpha: float, cutmix_alpha: float, num_classes: int):
-    """MixUp, CutMix or a random choice of the two per batch; ``None`` when both are off."""
+def batch_mixer(mixup_alpha: float, cutmix_alpha: float, num_classes: int, prob: float = 1.0):
+    """MixUp, CutMix or a random choice of the two, for a share ``prob`` of the batches; ``None`` when both are off.
+
+    A batch left unmixed keeps its class indices as labels.
+    """
     mixers = []
     if mixup_alpha > 0:
         mixers.append(T.MixUp(alpha=mixup_alpha, num_classes=num_classes))
@@ -45,4 +48,5 @@ def batch_mixer(mixup_alpha: float, cutmix_alpha: float, num_classes: int):
         mixers.append(T.CutMix(alpha=cutmix_alpha, num_classes=num_classes))
     if not mixers:
         return None
-    return mixers[0] if len(mixers) == 1 else T.RandomChoice(mixers)
+    mixer = mixers[0] if len(mixers) == 1 else T.RandomChoice(mixers)
+    return mixer if prob >= 1 else T.RandomApply([mixer], p=prob)
