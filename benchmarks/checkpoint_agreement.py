@@ -103,8 +103,8 @@ def main() -> None:
             fail(f"{ckpt} was validated on other photos than {args.checkpoints[0]}: give runs of one data.seed")
     photos = [p for p, _ in splits[0]]
     out = args.out or Path(tempfile.mkdtemp(prefix="agreement-"))
-    predicted = [predict(c, photos, out / f"model{i}", args.tta, [o for o in args.common.split(",") if o])
-                 for i, c in enumerate(args.checkpoints)]
+    extra = [o for o in args.common.split(",") if o]
+    predicted = [predict(c, photos, out / f"model{i}", args.tta, extra) for i, c in enumerate(args.checkpoints)]
     classes = sorted(predicted[0][photos[0]])
     for ckpt, p in zip(args.checkpoints, predicted):
         if sorted(p[photos[0]]) != classes:
