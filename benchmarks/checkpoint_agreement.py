@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from sedense.runs import run_version, runs_under
+
 
 def fail(message: str) -> None:
     sys.exit(f"checkpoint_agreement: {message}")
@@ -32,7 +34,8 @@ def fail(message: str) -> None:
 
 def validation_photos(ckpt: Path, data: str | None) -> list[tuple[str, str]]:
     """``(absolute path, class)`` of the validation photos of the run that wrote ``ckpt``, in split.csv's order."""
-    run = ckpt.resolve().parent.parent  # lightning_logs/version_N/checkpoints/<name>.ckpt
+    found = run_version(ckpt)  # lightning_logs/version_N/checkpoints/<name>.ckpt
+    run = Path(found[0]) / f"version_{found[1]}" if found else ckpt.resolve().parent
     split = run / "split.csv"
     if not split.is_file():
         fail(f"{ckpt}: no split.csv in its run folder {run}; give checkpoints of lightning_logs/version_N/checkpoints")
@@ -65,8 +68,8 @@ def predict(ckpt: Path, photos: list[str], folder: Path, tta: bool, extra: list[
         last = (done.stderr.strip().splitlines() or [""])[-1]
         fail(f"sedense predict with {ckpt} exited {done.returncode}: {last}")
     # The newest run of the folder: an --out used before keeps its earlier predictions beside this one's.
-    found = max(folder.glob("lightning_logs/version_*/predictions.json"), key=lambda p: int(p.parent.name[8:]))
-    records = json.loads(found.read_text(encoding="utf-8"))
+    _, newest = runs_under(folder)[0]
+    records = json.loads((Path(newest) / "predictions.json").read_text(encoding="utf-8"))
     return {str(Path(r["path"]).resolve()): {t["class"]: t["probability"] for t in r["top_k"]} for r in records}
 
 
