@@ -161,3 +161,37 @@ def test_fit_reports_match_scikit_learn_on_predictions_of_the_best_checkpoint(tm
     assert any(t.startswith("train_batch") for t in tags["images"])
     hparam_runs = list(run.rglob("events.out.tfevents.*"))
     assert any(b"hp/best_val_acc" in p.read_bytes() for p in hparam_runs)
+
+
+def image_steps(run: Path, tag: str) -> list[int]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    return [e.step for e in EventAccumulator(str(run), size_guidance={"images": 0}).Reload().Images(tag)]
+
+
+def test_pictures_keep_to_their_share_of_the_time_and_the_last_ones_are_always_drawn(tmp_path):
+    make_folder(tmp_path / "data", {"cardboard": 12, "glass": 12})  # 2 training batches an epoch
+    fit = ["fit", *TINY, "--data.root", "data", "--trainer.max_epochs", "4"]
+    # A tiny run: one picture costs more than 2% of all its training time, so they are drawn once, at the end,
+    # of the last epoch; the numbers are written every epoch.
+    run_cli(fit, tmp_path)
+    run = newest_run(tmp_path)
+    assert image_steps(run, "confusion_matrix_val") == [3] == image_steps(run, "confusion_matrix_train")
+    for name in ("results.png", "confusion_matrix_val.png", "best_confusion_matrix_val.png", "train_batch.png"):
+        assert_png(run / name)
+    with open(run / "results.csv", newline="") as f:
+        assert [int(r["epoch"]) for r in csv.DictReader(f)] == [0, 1, 2, 3]
+    # Whatever they cost: after every epoch.
+    run_cli([*fit, "--reports.picture_share", "1"], tmp_path)
+    assert image_steps(newest_run(tmp_path), "confusion_matrix_val") == [0, 1, 2, 3]
+    # Interrupted in its third epoch: the pictures of the second, the last one that finished, are drawn.
+    stopped = run_cli([*fit, "--trainer.callbacks+=inject.InterruptAfter", "--trainer.callbacks.batches=5"],
+                      tmp_path, check=False)
+    assert stopped.returncode == 130
+    run = newest_run(tmp_path)
+    assert image_steps(run, "confusion_matrix_val") == [1]
+    for name in ("results.png", "confusion_matrix_val.png", "confusion_matrix_train.png"):
+        assert_png(run / name)
+    bad = run_cli([*fit, "--reports.picture_share", "2"], tmp_path, check=False)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].endswith(
+        "reports.picture_share must be between 0 and 1, got 2.0") and "Traceback" not in bad.stderr

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import time
 import warnings
+from collections.abc import Callable
 
 import lightning as L
 import torch
@@ -12,6 +15,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassConfusionMatrix
 
 from sedense import reports
+from sedense.errors import ConfigError
 from sedense.runs import join, run_dir, write_file
 
 STAGES = ("train", "val", "test")
@@ -28,6 +32,12 @@ class ReportWriter(L.Callback):
     and ``test`` write ``metrics_{val,test}.json``, ``confusion_matrix_{val,test}.*`` and
     ``worst_{val,test}.png`` (the most confidently wrong images), and print a per-class table.
 
+    The pictures of ``fit`` (curves and confusion matrices, also sent to TensorBoard) cost far more than the
+    numbers: about 1.7 s an epoch on a 2-core CPU, time taken from a budgeted run's training, and most of a
+    small dataset's epoch. So the numbers (JSON, CSV, TensorBoard scalars) are written every epoch, the
+    pictures whenever drawing them keeps within ``picture_share`` of the training time; those of the latest
+    and of the best epoch are always drawn when the run ends, also when it is interrupted or fails.
+
     The writer keeps its own confusion matrices and mean losses (torchmetrics, synchronised across
     processes), fed by the step outputs. A validation is recorded as soon as it ends, and every
     checkpoint carries the unfinished epoch (its synchronised counts so far and its latest validation):
@@ -37,11 +47,18 @@ class ReportWriter(L.Callback):
     Args:
         worst_images: how many misclassified images the validate/test grid shows.
         preview_images: how many training images ``train_batch.png`` shows.
+        picture_share: the largest share of the training time that drawing the pictures may take during
+            ``fit`` (the final ones are drawn whatever they cost); 1 draws them after every epoch, 0 only at the end.
     """
 
-    def __init__(self, worst_images: int = 16, preview_images: int = 16) -> None:
+    def __init__(self, worst_images: int = 16, preview_images: int = 16, picture_share: float = 0.02) -> None:
+        if not 0 <= picture_share <= 1:
+            raise ConfigError(f"reports.picture_share must be between 0 and 1, got {picture_share}")
         self.worst_images = worst_images
         self.preview_images = preview_images
+        self.picture_share = picture_share
+        self._pictures: dict[str, Callable[[], None]] = {}  # output stem -> its drawing, latest wins
+        self._drawing_seconds, self._pictures_drawn = 0.0, 0
         self.history: dict[str, dict] = {}
         self.rows: list[dict] = []
         self.best_valid: dict | None = None  # "valid info" of the best epoch so far
@@ -62,6 +79,7 @@ class ReportWriter(L.Callback):
         if stage == "fit":  # before a resumed checkpoint restores the epochs already done
             self.history, self.rows, self.best_valid, self.pending, self.elapsed = {}, [], None, None, 0.0
             self._preview_done, self._restored = False, None
+            self._pictures, self._drawing_seconds, self._pictures_drawn = {}, 0.0, 0
 
     def _train_state(self) -> dict:
         """The training counts of the epoch so far, summed over all processes (a collective)."""
@@ -119,21 +137,56 @@ class ReportWriter(L.Callback):
                 return logger.experiment
         return None
 
-    def _write_matrix(self, trainer, matrix, names, stems: list[str], title: str, step: int | None = None) -> list:
-        """The matrix as ``<stem>.csv`` and ``<stem>.png`` for every stem (drawn once); TensorBoard gets the first."""
+    def _write_matrix(self, trainer, matrix, names, stem: str, title: str) -> list:
+        """The matrix as ``<stem>.csv`` and ``<stem>.png``."""
+        folder = run_dir(trainer)
+        written = [join(folder, f"{stem}.png"), join(folder, f"{stem}.csv")]
+        write_file(written[1], reports.matrix_csv(matrix, names))
+        write_file(written[0], reports.png_bytes(reports.render(reports.confusion_figure(matrix, names, title))))
+        return written
+
+    def _queue_matrix(self, trainer, matrix, names, stems: list[str], title: str, step: int) -> None:
+        """The matrix as ``<stem>.csv`` for every stem now, and its picture (``<stem>.png``, drawn once for all
+        stems, and TensorBoard's image of the first stem at ``step``) when :meth:`_draw` draws."""
         folder = run_dir(trainer)
         table = reports.matrix_csv(matrix, names)
-        pixels = reports.render(reports.confusion_figure(matrix, names, title))
-        png = reports.png_bytes(pixels)
-        written = []
         for stem in stems:
-            written += [join(folder, f"{stem}.png"), join(folder, f"{stem}.csv")]
-            write_file(written[-2], png)
-            write_file(written[-1], table)
-        writer = self._tensorboard(trainer)
-        if writer is not None and step is not None:
-            writer.add_image(stems[0], pixels, global_step=step, dataformats="HWC")
-        return written
+            write_file(join(folder, f"{stem}.csv"), table)
+        pixels = functools.cache(lambda: reports.render(reports.confusion_figure(matrix, names, title)))
+        png = functools.cache(lambda: reports.png_bytes(pixels()))
+
+        def draw(stem: str, first: bool) -> None:
+            write_file(join(folder, f"{stem}.png"), png())
+            writer = self._tensorboard(trainer)
+            if first and writer is not None:
+                writer.add_image(stem, pixels(), global_step=step, dataformats="HWC")
+
+        for i, stem in enumerate(stems):
+            self._queue(stem, functools.partial(draw, stem, i == 0))
+
+    def _queue(self, stem: str, draw: Callable[[], None]) -> None:
+        """Wait with the picture ``stem`` for :meth:`_draw`; a newer one of the same file replaces the waiting one."""
+        self._pictures.pop(stem, None)
+        self._pictures[stem] = draw
+
+    def _draw(self, final: bool = False) -> None:
+        """Draw the waiting pictures if, with them, drawing keeps within ``picture_share`` of the training time
+        (each picture taken to cost what the pictures drawn so far cost on average), or if ``final``."""
+        if not self._pictures:
+            return
+        if not final and self.picture_share < 1 and self._pictures_drawn:
+            expected = self._drawing_seconds * (1 + len(self._pictures) / self._pictures_drawn)
+            if expected > self.picture_share * self.elapsed_seconds():
+                return
+        pictures, self._pictures = self._pictures, {}
+        for draw in pictures.values():
+            self._timed(draw)
+
+    def _timed(self, draw: Callable[[], object]) -> None:
+        start = time.monotonic()
+        draw()
+        self._drawing_seconds += time.monotonic() - start
+        self._pictures_drawn += 1
 
     # ----------------------------------------------------------------------------- fit
     def on_train_start(self, trainer, pl_module) -> None:
@@ -151,7 +204,9 @@ class ReportWriter(L.Callback):
         n = min(self.preview_images, len(y))
         images = trainer.datamodule.preprocessing.denormalize(x[:n])
         titles = [pl_module.class_names[int(t)] for t in y[:n]]
-        reports.save_figure(reports.image_grid_figure(images, titles), join(run_dir(trainer), "train_batch.png"))
+        # Drawn at once (it shows the augmentation before the run goes far), and timed: what one picture costs here.
+        path = join(run_dir(trainer), "train_batch.png")
+        self._timed(lambda: reports.save_figure(reports.image_grid_figure(images, titles), path))
         writer = self._tensorboard(trainer)
         if writer is not None:
             writer.add_images("train_batch", images, global_step=trainer.global_step, dataformats="NHWC")
@@ -218,7 +273,8 @@ class ReportWriter(L.Callback):
             ",".join("" if row.get(k) is None else f"{row[k]:.6g}" for k in self.rows[-1]) + "\n" for row in self.rows
         )
         write_file(join(folder, "results.csv"), text)
-        reports.save_figure(reports.results_figure(self.rows), join(folder, "results.png"))
+        rows = list(self.rows)
+        self._queue("results", lambda: reports.save_figure(reports.results_figure(rows), join(folder, "results.png")))
 
         best = val_info is not None and (self.best_valid is None or val_info["accuracy"] > self.best_valid["accuracy"])
         if best:
@@ -226,10 +282,20 @@ class ReportWriter(L.Callback):
         for stage, matrix in (("train", train_matrix), ("val", pending["matrix"] if val_info else None)):
             if matrix is not None:
                 stems = [f"confusion_matrix_{stage}"] + ([f"best_confusion_matrix_{stage}"] if best else [])
-                self._write_matrix(trainer, matrix, names, stems, f"{stage}, epoch {epoch}", epoch)
+                self._queue_matrix(trainer, matrix, names, stems, f"{stage}, epoch {epoch}", epoch)
+        self._draw()
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        # The pictures of the epochs that finished; a folder that cannot be written is the error being reported.
+        if trainer.is_global_zero and trainer.state.fn == "fit":
+            with contextlib.suppress(OSError):
+                self._draw(final=True)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not trainer.is_global_zero or self.best_valid is None:
+        if not trainer.is_global_zero:
+            return
+        self._draw(final=True)
+        if self.best_valid is None:
             return
         best = self.best_valid
         final = {"hp/best_val_acc": best["accuracy"], "hp/best_val_mean_f1": best["mean f1 score"]}
@@ -284,7 +350,7 @@ class ReportWriter(L.Callback):
                             for w in worst]}
         written = [join(folder, f"metrics_{stage}.json")]
         reports.write_json(written[0], report)
-        written += self._write_matrix(trainer, matrix, names, [f"confusion_matrix_{stage}"], stage)
+        written += self._write_matrix(trainer, matrix, names, f"confusion_matrix_{stage}", stage)
         if worst:
             images = trainer.datamodule.preprocessing.denormalize(torch.stack([w[1] for w in worst]))
             titles = [f"true {names[w[2]]}\npred {names[w[3]]} {w[4]:.2f}" for w in worst]
