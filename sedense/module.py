@@ -73,8 +73,9 @@ class ImageClassifier(L.LightningModule):
         channels_last: run convolutions in channels-last memory format (faster on recent CPUs
             and on GPUs with tensor cores).
         progressive_resize: train on smaller images early: from this fraction of the input size, growing with
-            the schedule's progress to the full size at three quarters of the run, in steps of 16 px (a compiled
-            model compiles once per size); 1 turns it off.
+            the schedule's progress to the full size at three quarters of the run, in steps of 16 px (each size
+            rounded to the nearest step: 0.5 of 112 px starts at 64; a compiled model compiles once per size); 1
+            turns it off.
         compile: compile the training forward pass with ``torch.compile`` (a slow first step, faster
             steps after it). Validation, test and prediction run eager: a second compilation for
             eval mode would cost more than it saves on a few hundred images.

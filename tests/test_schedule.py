@@ -10,7 +10,7 @@ import torch
 
 from conftest import TINY, make_folder, newest_run, run_cli
 from sedense import trainer as sedense_trainer
-from sedense.schedule import TimePlan, WarmupCosine, cosine_factor, ema_update
+from sedense.schedule import TimePlan, WarmupCosine, cosine_factor, ema_update, progressive_size
 
 
 def budgeted(steps_per_epoch: int, warmup_steps: int, lrf: float):
@@ -128,6 +128,13 @@ def test_an_unfrozen_group_follows_the_schedule_and_no_function_is_saved():
     assert opt.param_groups[1]["lr"] == pytest.approx(0.1 * opt.param_groups[0]["lr"])
     assert opt.param_groups[0]["lr"] == pytest.approx(0.1 * cosine_factor(0.6, 0.01))
     assert "progress" not in scheduler.state_dict()
+
+
+def test_progressive_sizes_move_in_16_px_steps_to_the_full_size_at_three_quarters():
+    # The recipe's 0.5 of 112 px is 56, which rounds to the 64-px step: the sizes it trains at, as documented.
+    sizes = [progressive_size(112, 0.5, p) for p in (0.0, 0.2, 0.3, 0.5, 0.75, 1.0)]
+    assert sizes == [64, 64, 80, 96, 112, 112]
+    assert progressive_size(128, 0.5, 0.0) == 64 and progressive_size(32, 0.25, 0.0) == 16  # never below 16
 
 
 def test_the_ema_warm_up_forgets_the_first_weights():
