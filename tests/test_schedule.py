@@ -138,11 +138,43 @@ def test_progressive_sizes_move_in_16_px_steps_to_the_full_size_at_three_quarter
 
 
 def test_the_ema_warm_up_forgets_the_first_weights():
-    average, current = torch.zeros(3), torch.ones(3)
+    def averaged(update, n: int) -> list:
+        averages = [torch.zeros(3), torch.zeros(2, 2)]
+        update(averages, [torch.ones(3), torch.ones(2, 2)], torch.tensor(n))
+        return averages
+
     plain, warm = ema_update(0.997), ema_update(0.997, warmup=True)
-    assert torch.allclose(plain(average, current, torch.tensor(1)), torch.full((3,), 0.003))
-    assert torch.allclose(warm(average, current, torch.tensor(1)), torch.full((3,), 1 - 2 / 11))
-    assert torch.allclose(warm(average, current, torch.tensor(10**6)), plain(average, current, torch.tensor(10**6)))
+    assert all(torch.allclose(a, torch.full_like(a, 0.003)) for a in averaged(plain, 1))
+    assert all(torch.allclose(a, torch.full_like(a, 1 - 2 / 11)) for a in averaged(warm, 1))
+    assert all(torch.equal(a, b) for a, b in zip(averaged(warm, 10**6), averaged(plain, 10**6)))
+    counts = [torch.tensor(7)]  # an integer buffer (BatchNorm's num_batches_tracked) follows the model's
+    warm(counts, [torch.tensor(12)], torch.tensor(3))
+    assert counts[0].item() == 12 and counts[0].dtype == torch.int64
+
+
+def test_the_ema_of_a_network_with_norms_follows_the_formula_through_averaged_model():
+    from torch.optim.swa_utils import AveragedModel
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    average = AveragedModel(net, multi_avg_fn=ema_update(0.9, warmup=True), use_buffers=True)
+    expected = None
+    for n in range(6):
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(torch.randn_like(p))
+        net(torch.randn(8, 3))  # training mode: the norm's running statistics and batch count move
+        state = {k: v.clone() for k, v in net.state_dict().items()}
+        if expected is None:
+            expected = state  # the first update copies
+        else:
+            d = min(0.9, (1 + n) / (10 + n))  # the n-th update, n updates done before it
+            expected = {k: v if not v.is_floating_point() else expected[k] + (v - expected[k]) * (1 - d)
+                        for k, v in state.items()}
+        average.update_parameters(net)
+    for key, value in average.module.state_dict().items():
+        torch.testing.assert_close(value, expected[key], msg=key)
+    assert average.module.state_dict()["1.num_batches_tracked"].item() == 6
 
 
 def results(run) -> list[dict]:

@@ -129,3 +129,41 @@ def test_compile_covers_training_steps_only_and_keeps_checkpoint_names(tmp_path,
     keys = list(model.state_dict())
     assert keys == list(ImageClassifier(**tiny).state_dict())
     assert not any("_orig_mod" in k for k in keys)
+
+
+def test_the_optimiser_is_the_fastest_implementation_this_torch_has_with_the_same_arithmetic(monkeypatch):
+    from sedense import module
+
+    def groups(seed: int = 0) -> list[dict]:
+        torch.manual_seed(seed)
+        weights, bias = torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(4))
+        return [{"params": [weights], "weight_decay": 0.05}, {"params": [bias], "weight_decay": 0.0}]
+
+    def trained(opt) -> list:
+        params = [p for g in opt.param_groups for p in g["params"]]
+        for step in range(5):
+            for p in params:
+                p.grad = torch.full_like(p, 0.1 * (step + 1)) - p.detach()
+            opt.step()
+        return [p.detach() for p in params]
+
+    fast = module.make_optimizer("adamw", groups(), lr=0.01)
+    assert fast.defaults["fused"]  # CPUs have fused AdamW from torch 2.4 on
+    assert [g["weight_decay"] for g in fast.param_groups] == [0.05, 0.0]
+    plain = module.make_optimizer("adamw", groups(), lr=0.01, implementations=({},))
+    assert not plain.defaults.get("fused") and not plain.defaults.get("foreach")
+    for a, b in zip(trained(fast), trained(plain)):
+        torch.testing.assert_close(a, b)
+
+    class WithoutFused(torch.optim.SGD):  # a torch, or a device, without a fused SGD
+        def __init__(self, params, fused=None, **kwargs):
+            if fused:
+                raise RuntimeError("`fused=True` requires all the params to be Tensors of supported devices")
+            super().__init__(params, **kwargs)
+
+    monkeypatch.setitem(module.OPTIMIZERS, "sgd", WithoutFused)
+    sgd = module.make_optimizer("sgd", groups(), lr=0.01, momentum=0.9)
+    assert sgd.defaults["foreach"] and sgd.defaults["nesterov"]
+    assert [len(g["params"]) for g in sgd.param_groups] == [1, 1]
+    with pytest.raises(module.ConfigError, match="model.optimizer must be sgd, adam or adamw"):
+        module.make_optimizer("lamb", groups(), lr=0.01)
