@@ -202,7 +202,7 @@ def ema_update(decay: float, warmup: bool = False) -> Callable:
         if not averages[0].is_floating_point():
             torch._foreach_copy_(averages, currents)
             return
-        n = n_averaged.double()
+        n = n_averaged.float()  # float32 on every device (MPS has no float64)
         d = ((1 + n) / (10 + n)).clamp(max=decay) if warmup else torch.full_like(n, decay)
         weight = (1 - d).to(averages[0].dtype)  # a tensor: no device sync
         steps = torch._foreach_sub(currents, averages)
