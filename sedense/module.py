@@ -12,7 +12,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Timer, WeightAveraging
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torchmetrics.classification import MulticlassAccuracy
 
@@ -22,7 +22,15 @@ from sedense.errors import ConfigError, TrainingError
 from sedense.models import build_model
 from sedense.models.pretrained import load_backbone, load_official_state_dict, load_weights_file, safe_load
 from sedense.preprocessing import Preprocessing
-from sedense.schedule import TimePlan, WarmupCosine, ema_update, epoch_progress, progressive_size, resized
+from sedense.schedule import (
+    TimePlan,
+    WarmupCosine,
+    ema_update,
+    epoch_progress,
+    progressive_size,
+    progressive_sizes,
+    resized,
+)
 
 OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
 # Fastest first: one kernel for all the weights (CUDA, and CPUs from torch 2.4 on), one operation per step of the
@@ -260,7 +268,7 @@ class ImageClassifier(L.LightningModule):
         if self.hparams.compile and stage == "fit" and self._train_forward is None:
             # A compiled function, not a module: parameter names (and checkpoints) stay the same,
             # and the weight-averaging copy of this module shares it instead of copying it.
-            self._train_forward = torch.compile(self.net.forward)
+            self._train_forward = torch.compile(self.net.forward, dynamic=self._compile_dynamic())
         if stage == "fit" and self.hparams.class_weights == "balanced":
             counts = torch.tensor(self.trainer.datamodule.class_counts(), dtype=torch.float32)
             weight = counts.sum() / (len(counts) * counts.clamp(min=1))
@@ -273,6 +281,28 @@ class ImageClassifier(L.LightningModule):
         rank_zero_info(f"Training {trainable:,} of {total:,} parameters")
         for logger in self.loggers:
             logger.log_metrics({"trainable_params": trainable}, step=0)
+
+    def _compile_dynamic(self) -> bool | None:
+        """``dynamic`` for ``torch.compile``: static graphs, one per size, under progressive resizing.
+
+        By default torch compiles the first size as it is and, when the size changes, once more for every size
+        with symbolic sides; on a 2-core CPU that second compilation (the recipe's 64 to 80 px, channels-last)
+        was still simplifying index formulas after 40 minutes, inside one training step that no time budget can
+        stop. A static graph for each size costs what the first compilation did, once per size.
+        """
+        start = self.hparams.progressive_resize
+        if start >= 1:
+            return None
+        datamodule = getattr(self.trainer, "datamodule", None)
+        preprocessing = getattr(datamodule, "preprocessing", None)
+        full = getattr(datamodule, "hparams", {}).get("train_image_size") or getattr(preprocessing, "image_size", None)
+        sizes = f" ({', '.join(f'{s} px' for s in progressive_sizes(int(full), start))})" if full else ""
+        rank_zero_warn(
+            f"model.compile with model.progressive_resize {start}: the training step is compiled again for each "
+            f"training size{sizes}, each time as long as the first step took; on a CPU that can be much of a time "
+            "budget, so set model.compile false or model.progressive_resize 1 there"
+        )
+        return False
 
     # ----------------------------------------------------------------------------- steps
     def training_step(self, batch, batch_idx: int) -> dict:

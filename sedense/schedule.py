@@ -218,6 +218,11 @@ def progressive_size(full: int, start: float, progress: float) -> int:
     return min(full, max(16, int(round(full * scale / 16)) * 16))
 
 
+def progressive_sizes(full: int, start: float) -> list[int]:
+    """Every side that ``progressive_size`` gives over a run, smallest first."""
+    return sorted({progressive_size(full, start, 0.75 * i / 1000) for i in range(1001)})
+
+
 def resized(x: torch.Tensor, size: int) -> torch.Tensor:
     """A batch of images resized to ``size`` x ``size`` (antialiased), or ``x`` itself when it is that size already."""
     if x.shape[-1] == size and x.shape[-2] == size:

@@ -10,7 +10,7 @@ import torch
 
 from conftest import TINY, make_folder, newest_run, run_cli
 from sedense import trainer as sedense_trainer
-from sedense.schedule import TimePlan, WarmupCosine, cosine_factor, ema_update, progressive_size
+from sedense.schedule import TimePlan, WarmupCosine, cosine_factor, ema_update, progressive_size, progressive_sizes
 
 
 def budgeted(steps_per_epoch: int, warmup_steps: int, lrf: float):
@@ -135,6 +135,7 @@ def test_progressive_sizes_move_in_16_px_steps_to_the_full_size_at_three_quarter
     sizes = [progressive_size(112, 0.5, p) for p in (0.0, 0.2, 0.3, 0.5, 0.75, 1.0)]
     assert sizes == [64, 64, 80, 96, 112, 112]
     assert progressive_size(128, 0.5, 0.0) == 64 and progressive_size(32, 0.25, 0.0) == 16  # never below 16
+    assert progressive_sizes(112, 0.5) == [64, 80, 96, 112] and progressive_sizes(32, 1.0) == [32]
 
 
 def test_the_ema_warm_up_forgets_the_first_weights():

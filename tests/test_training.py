@@ -131,6 +131,35 @@ def test_compile_covers_training_steps_only_and_keeps_checkpoint_names(tmp_path,
     assert not any("_orig_mod" in k for k in keys)
 
 
+def test_under_progressive_resizing_each_size_compiles_a_static_graph_and_the_run_says_so(tmp_path, monkeypatch):
+    # torch's default compiles the first size as it is and the next one with symbolic sides, which on a CPU
+    # can take longer than a whole time budget inside one training step (the recipe's 64 -> 80 px: over 40 min).
+    import lightning.pytorch as pl
+
+    make_folder(tmp_path / "data", {"cardboard": 8, "glass": 8})
+    graphs = []
+    real_compile = torch.compile
+
+    def recording_backend(gm, example_inputs):  # dynamo's graphs, without the slow C++ code generation
+        graphs.append([tuple(i.shape) if isinstance(i, torch.Tensor) else type(i).__name__ for i in example_inputs])
+        return gm.forward
+
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: real_compile(fn, backend=recording_backend, **kwargs))
+    data = ImageFolderDataModule(str(tmp_path / "data"), preprocessing=Preprocessing(32), batch_size=4, num_workers=0)
+    model = ImageClassifier(class_names=["cardboard", "glass"], arch="se_densenet_bc100", block_config=[2, 2],
+                            growth_rate=8, num_init_features=8, compile=True, progressive_resize=0.5, warmup_epochs=0)
+    trainer = pl.Trainer(max_epochs=4, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)
+    torch._dynamo.reset()
+    with pytest.warns(UserWarning, match=r"model.compile with model.progressive_resize 0.5: .* \(16 px, 32 px\)"):
+        trainer.fit(model, data)
+    torch._dynamo.reset()
+    images = [[s for s in shapes if isinstance(s, tuple) and len(s) == 4 and s[1] == 3 and s[-1] >= 16]
+              for shapes in graphs]
+    assert images == [[(4, 3, 16, 16)], [(4, 3, 32, 32)]], graphs  # one graph for each size, with its numbers
+    assert not any(s == "SymInt" for shapes in graphs for s in shapes)
+
+
 def test_the_optimiser_is_the_fastest_implementation_this_torch_has_with_the_same_arithmetic(monkeypatch):
     from sedense import module
 
