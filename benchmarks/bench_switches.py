@@ -31,9 +31,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.compile_sizes:
         return compile_sizes(args)
-    size, batch, repeats = (64, 16, 2) if args.quick else (112, 32, 4)
-    size = args.size or size
-    overrides = {"block_config": [4, 4, 4]} if args.quick else {}
+    batch, repeats = (16, 2) if args.quick else (32, 4)
+    size = args.size or (64 if args.quick else 112)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     x = torch.randn(batch, 3, size, size, device=device)
     y = torch.randint(0, 6, (batch,), device=device)
@@ -43,12 +42,8 @@ def main() -> None:
         variants["compile_bf16"] = (True, True, True)
     result = {"benchmark": "switches", "quick": args.quick, **device_info(), "image_size": size, "batch": batch}
     for name, (channels_last, bf16, compiled) in variants.items():
-        torch.manual_seed(0)
-        model = build_model("se_densenet121", num_classes=6, growth_rate=16, num_init_features=32, **overrides)
-        model = model.to(device).train()
-        inputs = x
-        if channels_last:
-            model, inputs = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+        model = network(args.quick, device, channels_last)
+        inputs = x.contiguous(memory_format=torch.channels_last) if channels_last else x
         if compiled:
             model.compile()
         opt = torch.optim.AdamW(model.parameters())
@@ -56,27 +51,38 @@ def main() -> None:
         def step(model=model, opt=opt, inputs=inputs, bf16=bf16):
             train_step(model, opt, inputs, y, bf16)
 
-        start = time.perf_counter()
-        step()  # the first step compiles
-        first = time.perf_counter() - start
-        seconds = median_time(step, repeats, warmup=1)
-        result[name] = {"img_s": round(batch / seconds, 1), "first_step_s": round(first, 1)}
+        first, img_s = first_step_and_speed(step, batch, repeats)  # the first step compiles
+        result[name] = {"img_s": img_s, "first_step_s": first}
     base = result["fp32"]["img_s"]
     for name in variants:
         result[name]["speedup"] = round(result[name]["img_s"] / base, 2)
     emit(result)
 
 
+def network(quick: bool, device: str, channels_last: bool) -> torch.nn.Module:
+    """The recipe's SE-DenseNet (a small one with ``--quick``), from seed 0, in training mode."""
+    torch.manual_seed(0)
+    overrides = {"block_config": [4, 4, 4]} if quick else {}
+    model = build_model("se_densenet121", num_classes=6, growth_rate=16, num_init_features=32, **overrides)
+    model = model.to(device).train()
+    return model.to(memory_format=torch.channels_last) if channels_last else model
+
+
+def first_step_and_speed(step, batch: int, repeats: int) -> tuple[float, float]:
+    """Seconds of the first call of ``step``, then training images a second of the calls after it."""
+    start = time.perf_counter()
+    step()
+    first = time.perf_counter() - start
+    return round(first, 1), round(batch / median_time(step, repeats, warmup=1), 1)
+
+
 def compile_sizes(args) -> None:
     batch, repeats = (16, 2) if args.quick else (32, 4)
-    overrides = {"block_config": [4, 4, 4]} if args.quick else {}
     device = "cuda" if torch.cuda.is_available() else "cpu"
     y = torch.randint(0, 6, (batch,), device=device)
     models = {}
     for name in ("eager", "compiled"):
-        torch.manual_seed(0)
-        model = build_model("se_densenet121", num_classes=6, growth_rate=16, num_init_features=32, **overrides)
-        model = model.to(device).train().to(memory_format=torch.channels_last)
+        model = network(args.quick, device, channels_last=True)
         forward = torch.compile(model.forward, dynamic=False) if name == "compiled" else model.forward
         models[name] = (forward, torch.optim.AdamW(model.parameters()))  # the bound forward keeps its model
     result = {"benchmark": "switches", "mode": "compile_sizes", "quick": args.quick, **device_info(), "batch": batch,
@@ -88,10 +94,8 @@ def compile_sizes(args) -> None:
             def step(forward=forward, opt=opt, x=x):
                 train_step(forward, opt, x, y)
 
-            start = time.perf_counter()
-            step()  # the compiled model compiles for this size
-            row[f"{name}_first_step_s"] = round(time.perf_counter() - start, 1)
-            row[f"{name}_img_s"] = round(batch / median_time(step, repeats, warmup=1), 1)
+            # the compiled model compiles for this size on its first step
+            row[f"{name}_first_step_s"], row[f"{name}_img_s"] = first_step_and_speed(step, batch, repeats)
         row["speedup"] = round(row["compiled_img_s"] / row["eager_img_s"], 2)
         result["sizes"].append(row)
     emit(result)

@@ -268,7 +268,13 @@ class ImageClassifier(L.LightningModule):
         if self.hparams.compile and stage == "fit" and self._train_forward is None:
             # A compiled function, not a module: parameter names (and checkpoints) stay the same,
             # and the weight-averaging copy of this module shares it instead of copying it.
-            self._train_forward = torch.compile(self.net.forward, dynamic=self._compile_dynamic())
+            # Under progressive resizing, static graphs, one per size: torch's default compiles the second size
+            # with symbolic sides, and on a 2-core CPU that compilation (the recipe's 64 to 80 px, channels-last)
+            # was still simplifying index formulas after 40 minutes, inside one step no time budget can stop.
+            resizing = self.hparams.progressive_resize < 1
+            if resizing:
+                self._warn_compile_per_size()
+            self._train_forward = torch.compile(self.net.forward, dynamic=False if resizing else None)
         if stage == "fit" and self.hparams.class_weights == "balanced":
             counts = torch.tensor(self.trainer.datamodule.class_counts(), dtype=torch.float32)
             weight = counts.sum() / (len(counts) * counts.clamp(min=1))
@@ -282,27 +288,15 @@ class ImageClassifier(L.LightningModule):
         for logger in self.loggers:
             logger.log_metrics({"trainable_params": trainable}, step=0)
 
-    def _compile_dynamic(self) -> bool | None:
-        """``dynamic`` for ``torch.compile``: static graphs, one per size, under progressive resizing.
-
-        By default torch compiles the first size as it is and, when the size changes, once more for every size
-        with symbolic sides; on a 2-core CPU that second compilation (the recipe's 64 to 80 px, channels-last)
-        was still simplifying index formulas after 40 minutes, inside one training step that no time budget can
-        stop. A static graph for each size costs what the first compilation did, once per size.
-        """
+    def _warn_compile_per_size(self) -> None:
         start = self.hparams.progressive_resize
-        if start >= 1:
-            return None
-        datamodule = getattr(self.trainer, "datamodule", None)
-        preprocessing = getattr(datamodule, "preprocessing", None)
-        full = getattr(datamodule, "hparams", {}).get("train_image_size") or getattr(preprocessing, "image_size", None)
-        sizes = f" ({', '.join(f'{s} px' for s in progressive_sizes(int(full), start))})" if full else ""
+        full = getattr(self.trainer.datamodule, "train_size", None)  # any datamodule, or plain dataloaders
+        sizes = f" ({', '.join(f'{s} px' for s in progressive_sizes(full, start))})" if full else ""
         rank_zero_warn(
             f"model.compile with model.progressive_resize {start}: the training step is compiled again for each "
             f"training size{sizes}, each time as long as the first step took; on a CPU that can be much of a time "
             "budget, so set model.compile false or model.progressive_resize 1 there"
         )
-        return False
 
     # ----------------------------------------------------------------------------- steps
     def training_step(self, batch, batch_idx: int) -> dict:

@@ -219,8 +219,9 @@ def progressive_size(full: int, start: float, progress: float) -> int:
 
 
 def progressive_sizes(full: int, start: float) -> list[int]:
-    """Every side that ``progressive_size`` gives over a run, smallest first."""
-    return sorted({progressive_size(full, start, 0.75 * i / 1000) for i in range(1001)})
+    """Every side that ``progressive_size`` gives over a run, smallest first: each 16-px step up to the last."""
+    first, last = progressive_size(full, start, 0.0), progressive_size(full, start, 1.0)
+    return [*range(first, last, 16), last]
 
 
 def resized(x: torch.Tensor, size: int) -> torch.Tensor:

@@ -227,8 +227,13 @@ class ImageFolderDataModule(L.LightningDataModule):
         module = self.trainer.lightning_module if self.trainer is not None else None
         return list(module.class_names) if module is not None and getattr(module, "class_names", None) else None
 
+    @property
+    def train_size(self) -> int:
+        """Side of the training crops: ``train_image_size``, or the preprocessing's input size."""
+        return self.hparams.train_image_size or self.preprocessing.image_size
+
     def train_transform(self) -> T.Compose:
-        return train_transform(self.preprocessing, self.hparams.train_image_size, **self._aug)
+        return train_transform(self.preprocessing, self.train_size, **self._aug)
 
     def eval_transform(self) -> T.Compose:
         return self.preprocessing.eval_transform()
@@ -237,8 +242,7 @@ class ImageFolderDataModule(L.LightningDataModule):
     def train_cache_side(self) -> int:
         """Short side of cached training images: crops of the smallest scale need no up-sampling."""
         smallest = max(float(self.hparams.crop_scale[0]), 0.25)
-        size = self.hparams.train_image_size or self.preprocessing.image_size
-        return int(round(size / smallest**0.5))
+        return int(round(self.train_size / smallest**0.5))
 
     def cache_limit(self) -> float:
         """Bytes the image cache may hold: ``cache_limit_gb``, or half the memory available now."""
