@@ -23,6 +23,7 @@ from sedense.models import build_model
 from sedense.models.pretrained import load_backbone, load_official_state_dict, load_weights_file, safe_load
 from sedense.preprocessing import Preprocessing
 from sedense.schedule import (
+    StepTimes,
     TimePlan,
     WarmupCosine,
     ema_update,
@@ -183,6 +184,8 @@ class ImageClassifier(L.LightningModule):
         self.plan: TimePlan | None = None  # with schedule "time": the epochs that fit in the budget
         self._epoch_start: float | None = None
         self._last_step_end: float | None = None
+        self._step_shape: tuple = ()
+        self._steps = StepTimes()  # this process's training steps: which paid one-off costs
         try:
             self.net = build_model(
                 arch,
@@ -308,6 +311,7 @@ class ImageClassifier(L.LightningModule):
             x = resized(x, progressive_size(x.shape[-1], self.hparams.progressive_resize, progress))
         if self.mix is not None:
             x, target = self.mix(x, y)
+        self._step_shape = tuple(x.shape)
         logits = self(x)
         weight = self.class_weight.to(logits.device) if self.class_weight is not None else None
         loss = F.cross_entropy(logits, target, weight=weight, label_smoothing=self.hparams.label_smoothing)
@@ -421,13 +425,23 @@ class ImageClassifier(L.LightningModule):
 
     def on_train_epoch_start(self) -> None:
         self._epoch_start, self._last_step_end = time.monotonic(), None
+        self._steps.start_epoch()
+
+    def _one_off_seconds(self) -> float:
+        """This epoch's one-off step costs so far (a compilation, the optimiser's first step), not to plan with."""
+        fallback = self.plan.typical_step_time() if self.plan is not None and self.plan.epoch_times else None
+        return self._steps.one_off(fallback)
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         """With a time budget: hold the plan to the clock, so that a sudden slowdown still ends at the floor."""
         timer = self._timer()
         if self.plan is None or timer is None or self._epoch_start is None:
             return
-        per_step = (time.monotonic() - self._epoch_start) / (batch_idx + 1)  # this epoch's mean step
+        now = time.monotonic()
+        self._steps.add(now - (self._epoch_start if self._last_step_end is None else self._last_step_end),
+                        self._step_shape)
+        # This epoch's mean step, without its one-off costs: they will not slow the steps still to come.
+        per_step = (now - self._epoch_start - self._one_off_seconds()) / (batch_idx + 1)
         # From the first process's clock, as the budget's own check is (one broadcast a step, as Lightning's).
         per_step, left = self.trainer.strategy.broadcast((per_step, timer.time_remaining()))
         batches = self.trainer.num_training_batches
@@ -447,9 +461,9 @@ class ImageClassifier(L.LightningModule):
         # Every process plans from the first one's clock: the same epochs, and the same learning rates.
         now = time.monotonic()
         after_steps = now - self._last_step_end if self._last_step_end is not None else 0.0  # validation, reports
-        seconds, left, after_steps = self.trainer.strategy.broadcast(
-            (now - self._epoch_start, timer.time_remaining(), after_steps))
-        planned = self.plan.replan(done, self.global_step, seconds, left or 0.0, after_steps)
+        seconds, left, after_steps, one_off = self.trainer.strategy.broadcast(
+            (now - self._epoch_start, timer.time_remaining(), after_steps, self._one_off_seconds()))
+        planned = self.plan.replan(done, self.global_step, seconds, left or 0.0, after_steps, one_off)
         self.log("planned_epochs", float(planned), rank_zero_only=True)
         if done >= planned:
             self.trainer.should_stop = True

@@ -26,6 +26,7 @@ after it, the clock check makes it the last and brings it to the floor at its en
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
@@ -79,7 +80,11 @@ class TimePlan:
     keeps room for the slow epochs it has seen, not for the average one. Half such an epoch (``margin``) is
     kept free at the end on top.
     Progress stays continuous when the plan changes: from the current step it goes on, steeper or flatter,
-    to 1 at the new planned end.
+    to 1 at the new planned end, so the first plan must not be made from costs that later epochs will not pay:
+    an epoch is planned without its steps' one-off costs (:class:`StepTimes`: the first step of a run, which
+    creates the optimiser's state and runs ``torch.compile``; the first at each new training size). Planned from
+    the whole first epoch, a budget that holds a few of them made a plan of two epochs, and the rest of the
+    run trained at the floor.
 
     Args:
         steps_per_epoch: optimiser steps in one epoch.
@@ -125,10 +130,11 @@ class TimePlan:
         return max(self.recent_longest(steps), 1e-9)
 
     def replan(self, epochs_done: int, step: int, epoch_seconds: float, seconds_left: float,
-               end_seconds: float = 0.0) -> int:
+               end_seconds: float = 0.0, one_off_seconds: float = 0.0) -> int:
         """After ``epochs_done`` epochs (``step`` steps, the last epoch ``epoch_seconds`` long, ``end_seconds`` of
-        them after its last step): the epochs to run."""
-        self.epoch_times.append(float(epoch_seconds))
+        them after its last step, ``one_off_seconds`` of them costs the next epochs will not pay): the epochs
+        to run."""
+        self.epoch_times.append(max(float(epoch_seconds) - float(one_off_seconds), float(end_seconds), 1e-6))
         self.end_times.append(float(end_seconds))
         typical = self.typical_epoch_time()
         more = max(0, math.floor(seconds_left / typical - self.margin))
@@ -184,6 +190,43 @@ class TimePlan:
     def load_state_dict(self, state: dict) -> None:
         for key, value in state.items():
             setattr(self, key, value)
+
+
+@dataclass
+class StepTimes:
+    """The training steps of an epoch, timed, to tell an epoch's one-off costs from what every epoch costs.
+
+    A step here is all the training loop spends on one batch: from the end of the one before (or the epoch's
+    start) to its end, loading and the callbacks' work included. One that runs an input shape for the first
+    time in this process (the run's first, the first at each new size of progressive resizing, a last partial
+    batch) pays costs no later epoch pays again: the optimiser's state is created, memory allocated, the
+    loggers' files opened, the first batch drawn, ``torch.compile`` compiles (minutes on a CPU). Its time
+    beyond the median of the epoch's other steps is :meth:`one_off`. After a resume the new process pays them
+    again, and they are taken out again.
+    """
+
+    seen: set[tuple] = field(default_factory=set)
+    regular: list[float] = field(default_factory=list)
+    firsts: list[float] = field(default_factory=list)
+
+    def start_epoch(self) -> None:
+        self.regular, self.firsts = [], []
+
+    def add(self, seconds: float, shape: tuple) -> None:
+        """One step of ``seconds`` on inputs of ``shape``."""
+        if shape in self.seen:
+            self.regular.append(seconds)
+        else:
+            self.seen.add(shape)
+            self.firsts.append(seconds)
+
+    def one_off(self, fallback: float | None = None) -> float:
+        """Seconds of this epoch's steps that were one-off: each first step's time beyond a regular step's, the
+        median of the epoch's others, or ``fallback`` (an earlier epoch's) while it has none."""
+        typical = statistics.median(self.regular) if self.regular else fallback
+        if typical is None:  # nothing to compare with: all of the epoch is planned with
+            return 0.0
+        return sum(max(s - typical, 0.0) for s in self.firsts)
 
 
 def ema_update(decay: float, warmup: bool = False) -> Callable:

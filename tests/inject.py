@@ -46,3 +46,18 @@ class SlowDown(L.Callback):
 
         if trainer.current_epoch >= self.from_epoch:
             time.sleep(self.seconds)
+
+
+class SlowFirstStep(L.Callback):
+    """A first training step as slow as a compilation: the first batch this process trains takes ``seconds``
+    longer, and no other does."""
+
+    def __init__(self, seconds: float = 1.0) -> None:
+        self.seconds, self.done = seconds, False
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        import time
+
+        if not self.done:
+            self.done = True
+            time.sleep(self.seconds)

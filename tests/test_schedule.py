@@ -10,7 +10,15 @@ import torch
 
 from conftest import TINY, make_folder, newest_run, run_cli
 from sedense import trainer as sedense_trainer
-from sedense.schedule import TimePlan, WarmupCosine, cosine_factor, ema_update, progressive_size, progressive_sizes
+from sedense.schedule import (
+    StepTimes,
+    TimePlan,
+    WarmupCosine,
+    cosine_factor,
+    ema_update,
+    progressive_size,
+    progressive_sizes,
+)
 
 
 def budgeted(steps_per_epoch: int, warmup_steps: int, lrf: float):
@@ -50,6 +58,30 @@ def test_a_machine_that_slows_down_mid_run_still_ends_at_the_floor():
     factors, epochs, used = simulate(lambda e: 1.0 if e < 20 else 3.0, budget=80.0)
     assert factors[-1] == pytest.approx(0.01) and used <= 80.0
     assert all(b <= a + 1e-12 for a, b in zip(factors[10:], factors[11:]))
+
+
+def test_the_steps_one_off_costs_are_not_planned_with():
+    steps, batch = StepTimes(), (8, 3, 64, 64)
+    steps.start_epoch()
+    for seconds, shape in [(9.0, batch), (1.0, batch), (1.2, batch), (0.8, batch), (0.3, (2, 3, 64, 64))]:
+        steps.add(seconds, shape)
+    # The first step beyond the median of the others; the first partial batch, shorter, costs nothing more
+    assert steps.one_off() == pytest.approx(8.0)
+    plan = TimePlan(steps_per_epoch=5, warmup_steps=5)
+    assert plan.replan(1, 5, 12.3, 50.0, end_seconds=1.0, one_off_seconds=steps.one_off()) == 1 + 11  # 4.3 s each
+    assert TimePlan(5, 5).replan(1, 5, 12.3, 50.0, end_seconds=1.0) == 1 + 3  # planned with them: 12.3 s each
+    # The first step at a new size (progressive resizing compiles again), before the epoch has another to compare
+    # with: the plan's step time stands in; then the epoch's own
+    steps.start_epoch()
+    steps.add(6.0, (8, 3, 80, 80))
+    assert steps.one_off() == 0.0 and steps.one_off(fallback=1.5) == pytest.approx(4.5)
+    steps.add(2.0, (8, 3, 80, 80))
+    steps.add(1.0, batch)
+    assert steps.one_off(fallback=1.5) == pytest.approx(6.0 - 1.5)  # the median of 2.0 and 1.0
+    steps.start_epoch()  # later epochs: every shape seen, nothing one-off
+    for seconds in (3.0, 1.0, 1.0):
+        steps.add(seconds, batch)
+    assert steps.one_off() == 0.0
 
 
 def run_against_clock(step_seconds, budget: float, hurry: bool, steps_per_epoch: int = 10, lrf: float = 0.01,
@@ -207,6 +239,20 @@ def test_a_budgeted_run_ends_at_the_floor_and_a_slower_one_runs_fewer_epochs(tmp
     # fast run holds at least twice its epochs. (When every epoch drew its pictures, 1.5-2.5 s of them, the
     # two runs held 3 and 2, or 2 and 2, epochs.)
     assert len(fast) >= 2 * len(slow), (len(fast), len(slow))
+
+
+@pytest.mark.xdist_group("processes")  # never beside another test that runs several processes
+def test_a_first_step_as_long_as_a_compilation_is_not_planned_with(tmp_path):
+    make_folder(tmp_path / "data", {"cardboard": 12, "glass": 12})
+    # The first step takes 3 s more, as torch.compile's does: planned with, the first epoch would leave room for
+    # one more in the 8-s budget, that one would end at the floor, and every later epoch would train there.
+    run_cli(["fit", *TINY, "--data.root", "data", "--model.schedule", "time", "--trainer.max_time", "00:00:00:08",
+             "--model.warmup_epochs", "1", "--model.lr", "0.002", "--model.lrf", "0.01",
+             "--trainer.callbacks+=inject.SlowFirstStep", "--trainer.callbacks.seconds=3.0"], tmp_path)
+    rows = results(newest_run(tmp_path))
+    assert float(rows[-1]["lr"]) == pytest.approx(0.002 * 0.01)
+    at_floor = [float(r["lr"]) <= 1.1 * 0.002 * 0.01 for r in rows]
+    assert len(rows) >= 3 and sum(at_floor) <= max(1, len(rows) // 3), [r["lr"] for r in rows]
 
 
 @pytest.mark.xdist_group("processes")  # never beside another test that runs several processes
