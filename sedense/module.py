@@ -276,7 +276,7 @@ class ImageClassifier(L.LightningModule):
             # was still simplifying index formulas after 40 minutes, inside one step no time budget can stop.
             resizing = self.hparams.progressive_resize < 1
             if resizing:
-                self._warn_compile_per_size()
+                self._compile_per_size()
             self._train_forward = torch.compile(self.net.forward, dynamic=False if resizing else None)
         if stage == "fit" and self.hparams.class_weights == "balanced":
             counts = torch.tensor(self.trainer.datamodule.class_counts(), dtype=torch.float32)
@@ -291,10 +291,17 @@ class ImageClassifier(L.LightningModule):
         for logger in self.loggers:
             logger.log_metrics({"trainable_params": trainable}, step=0)
 
-    def _warn_compile_per_size(self) -> None:
+    def _compile_per_size(self) -> None:
+        """Under progressive resizing: room for a compiled graph of each size, and a warning that names them."""
         start = self.hparams.progressive_resize
         full = getattr(self.trainer.datamodule, "train_size", None)  # any datamodule, or plain dataloaders
-        sizes = f" ({', '.join(f'{s} px' for s in progressive_sizes(full, start))})" if full else ""
+        every = progressive_sizes(full, start) if full else []
+        # torch keeps 8 graphs of a function and runs every shape past them uncompiled (one log line): room for one
+        # graph a size and one for a last partial batch at each (10 sizes from 64 to 208 px, say)
+        config = torch._dynamo.config
+        name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # torch < 2.6
+        setattr(config, name, max(getattr(config, name), 2 * len(every)))
+        sizes = f" ({', '.join(f'{s} px' for s in every)})" if every else ""
         rank_zero_warn(
             f"model.compile with model.progressive_resize {start}: the training step is compiled again for each "
             f"training size{sizes}, each time as long as the first step took; on a CPU that can be much of a time "

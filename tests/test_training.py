@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import warnings
 
 import pytest
 import torch
@@ -131,9 +133,9 @@ def test_compile_covers_training_steps_only_and_keeps_checkpoint_names(tmp_path,
     assert not any("_orig_mod" in k for k in keys)
 
 
-def test_under_progressive_resizing_each_size_compiles_a_static_graph_and_the_run_says_so(tmp_path, monkeypatch):
-    # torch's default compiles the first size as it is and the next one with symbolic sides, which on a CPU
-    # can take longer than a whole time budget inside one training step (the recipe's 64 -> 80 px: over 40 min).
+def compiled_under_progressive_resizing(tmp_path, monkeypatch, image_size: int, start: float, epochs: int):
+    """A tiny run compiled under progressive resizing; returns its warnings and, for each graph torch compiled,
+    the shapes of its image inputs and whether any side was symbolic."""
     import lightning.pytorch as pl
 
     make_folder(tmp_path / "data", {"cardboard": 8, "glass": 8})
@@ -145,19 +147,43 @@ def test_under_progressive_resizing_each_size_compiles_a_static_graph_and_the_ru
         return gm.forward
 
     monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: real_compile(fn, backend=recording_backend, **kwargs))
-    data = ImageFolderDataModule(str(tmp_path / "data"), preprocessing=Preprocessing(32), batch_size=4, num_workers=0)
+    data = ImageFolderDataModule(str(tmp_path / "data"), preprocessing=Preprocessing(image_size), batch_size=4,
+                                 num_workers=0)
     model = ImageClassifier(class_names=["cardboard", "glass"], arch="se_densenet_bc100", block_config=[2, 2],
-                            growth_rate=8, num_init_features=8, compile=True, progressive_resize=0.5, warmup_epochs=0)
-    trainer = pl.Trainer(max_epochs=4, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False)
+                            growth_rate=8, num_init_features=8, compile=True, progressive_resize=start,
+                            warmup_epochs=0)
+    trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    config = torch._dynamo.config
+    limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    kept = getattr(config, limit)
     torch._dynamo.reset()
-    with pytest.warns(UserWarning, match=r"model.compile with model.progressive_resize 0.5: .* \(16 px, 32 px\)"):
-        trainer.fit(model, data)
-    torch._dynamo.reset()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer.fit(model, data)
+    finally:
+        torch._dynamo.reset()
+        setattr(config, limit, kept)  # the run raises it for this process; the other tests keep torch's
     images = [[s for s in shapes if isinstance(s, tuple) and len(s) == 4 and s[1] == 3 and s[-1] >= 16]
               for shapes in graphs]
-    assert images == [[(4, 3, 16, 16)], [(4, 3, 32, 32)]], graphs  # one graph for each size, with its numbers
-    assert not any(s == "SymInt" for shapes in graphs for s in shapes)
+    return [str(w.message) for w in caught], images, any(s == "SymInt" for shapes in graphs for s in shapes)
+
+
+def test_under_progressive_resizing_each_size_compiles_a_static_graph_and_the_run_says_so(tmp_path, monkeypatch):
+    # torch's default compiles the first size as it is and the next one with symbolic sides, which on a CPU
+    # can take longer than a whole time budget inside one training step (the recipe's 64 -> 80 px: over 40 min).
+    said, images, symbolic = compiled_under_progressive_resizing(tmp_path, monkeypatch, 32, 0.5, epochs=4)
+    assert any(re.match(r"model.compile with model.progressive_resize 0.5: .* \(16 px, 32 px\)", w) for w in said)
+    assert images == [[(4, 3, 16, 16)], [(4, 3, 32, 32)]] and not symbolic  # one graph for each size, its numbers
+
+
+def test_more_sizes_than_torch_keeps_graphs_of_are_all_compiled(tmp_path, monkeypatch):
+    # 10 sizes, 16 to 160 px: past torch's 8 graphs of a function, the last two would train uncompiled
+    said, images, symbolic = compiled_under_progressive_resizing(tmp_path, monkeypatch, 160, 0.1, epochs=8)
+    sizes = [16 * k for k in range(1, 11)]
+    assert any(", ".join(f"{s} px" for s in sizes) in w for w in said)
+    assert images == [[(4, 3, s, s)] for s in sizes] and not symbolic
 
 
 def test_the_optimiser_is_the_fastest_implementation_this_torch_has_with_the_same_arithmetic(monkeypatch):
