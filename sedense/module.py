@@ -12,6 +12,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Timer, WeightAveraging
+from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torchmetrics.classification import MulticlassAccuracy
@@ -48,12 +49,26 @@ def make_optimizer(name: str, groups: list[dict], lr: float, momentum: float = 0
     if name not in OPTIMIZERS:
         raise ConfigError(f"model.optimizer must be sgd, adam or adamw, got {name!r}")
     kwargs = {"lr": lr, **({"momentum": momentum, "nesterov": momentum > 0} if name == "sgd" else {})}
+    opt = None
     for implementation in implementations[:-1]:
         try:  # the optimiser writes its defaults into the groups it is given: each try gets fresh copies
-            return OPTIMIZERS[name]([dict(g) for g in groups], **kwargs, **implementation)
+            opt = OPTIMIZERS[name]([dict(g) for g in groups], **kwargs, **implementation)
+            break
         except (RuntimeError, TypeError, ValueError):  # not for this device, or not in this torch
             continue
-    return OPTIMIZERS[name]([dict(g) for g in groups], **kwargs, **implementations[-1])
+    if opt is None:
+        opt = OPTIMIZERS[name]([dict(g) for g in groups], **kwargs, **implementations[-1])
+    chosen = {key: opt.defaults[key] for key in ("fused", "foreach") if key in opt.defaults}
+
+    def keep_implementation(optimizer, state_dict: dict) -> dict:
+        # A checkpoint's groups carry the implementation chosen where it was made (fused on a CPU with torch 2.4
+        # or later, on a GPU). Loaded as they are they would replace this one: one this torch or device lacks,
+        # or a fused step under fp16's gradient scaler, which then refuses gradient clipping.
+        state_dict["param_groups"] = [{**group, **chosen} for group in state_dict["param_groups"]]
+        return state_dict
+
+    opt.register_load_state_dict_pre_hook(keep_implementation)
+    return opt
 
 
 class ImageClassifier(L.LightningModule):
@@ -400,11 +415,14 @@ class ImageClassifier(L.LightningModule):
         decay = [p for p in params if p.ndim > 1]
         no_decay = [p for p in params if p.ndim <= 1]
         groups = [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        # With a gradient scaler (fp16) Lightning unscales before the step, which a fused optimiser does itself: it
-        # would then refuse gradient clipping. The multi-tensor update does the same arithmetic.
-        scaled = getattr(self.trainer.precision_plugin, "scaler", None) is not None
+        # A fused optimiser unscales a gradient scaler's gradients itself (fp16), so Lightning's mixed precision
+        # refuses to clip its gradients (bf16 too, where nothing is scaled), and with a scaler unscales them before
+        # the step anyway. The multi-tensor update does the same arithmetic.
+        plugin = self.trainer.precision_plugin
+        unfused = getattr(plugin, "scaler", None) is not None or (
+            isinstance(plugin, MixedPrecision) and bool(self.trainer.gradient_clip_val))
         opt = make_optimizer(hp.optimizer, groups, lr=hp.lr, momentum=hp.momentum,
-                             implementations=IMPLEMENTATIONS[1:] if scaled else IMPLEMENTATIONS)
+                             implementations=IMPLEMENTATIONS[1:] if unfused else IMPLEMENTATIONS)
         if not math.isfinite(self.trainer.num_training_batches):
             # What `estimated_stepping_batches` does for a run with an epoch count: load the training data to
             # count its batches (an open-ended run, bounded by time only, would not otherwise load it yet).

@@ -222,3 +222,33 @@ def test_the_optimiser_is_the_fastest_implementation_this_torch_has_with_the_sam
     assert [len(g["params"]) for g in sgd.param_groups] == [1, 1]
     with pytest.raises(module.ConfigError, match="model.optimizer must be sgd, adam or adamw"):
         module.make_optimizer("lamb", groups(), lr=0.01)
+
+
+def test_a_resumed_optimiser_keeps_the_implementation_this_run_chose():
+    # A checkpoint's groups carry the implementation chosen where it was made; loaded as they were, a fused one
+    # came back where this torch or device has none, or where mixed precision must clip gradients.
+    from sedense import module
+
+    weights = torch.nn.Parameter(torch.ones(4, 3))
+    fused = module.make_optimizer("adamw", [{"params": [weights]}], lr=0.01)
+    weights.grad = torch.full_like(weights, 0.5)
+    fused.step()
+    saved = fused.state_dict()
+    unfused = module.make_optimizer("adamw", [{"params": [weights]}], lr=0.01, implementations=({"foreach": True}, {}))
+    unfused.load_state_dict(saved)
+    assert saved["param_groups"][0]["fused"] and not unfused.param_groups[0]["fused"]  # the checkpoint unchanged
+    assert unfused.param_groups[0]["foreach"] and unfused.param_groups[0]["lr"] == 0.01
+    torch.testing.assert_close(unfused.state_dict()["state"][0]["exp_avg"], saved["state"][0]["exp_avg"])
+    unfused.step()
+
+
+def test_mixed_precision_clips_gradients_also_resuming_a_run_of_the_fused_optimiser(tmp_path):
+    # Lightning's mixed precision refuses to clip the gradients of a fused optimiser, bf16 too: the run failed
+    # in its first step with a traceback from inside Lightning
+    make_folder(tmp_path / "data", {"cardboard": 8, "glass": 8})
+    run_cli(["fit", *TINY, "--data.root", "data", "--trainer.max_epochs", "1"], tmp_path)  # fp32: fused
+    run_cli(["fit", *TINY, "--data.root", "data", "--trainer.max_epochs", "2", "--ckpt_path", "last",
+             "--trainer.precision", "bf16-mixed", "--trainer.gradient_clip_val", "1.0"], tmp_path)
+    last = torch.load(tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert last["epoch"] == 1
+    assert all(g["foreach"] and not g["fused"] for g in last["optimizer_states"][0]["param_groups"])
