@@ -30,6 +30,8 @@ def browser():
     driver.quit()
 
 
+# Chromium is several processes, and the test serves from two more: never beside a test that times itself
+@pytest.mark.xdist_group("processes")
 def test_the_page_classifies_a_photo_like_predict_and_survives_bad_files(trained_run, browser, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
