@@ -452,6 +452,17 @@ class ImageClassifier(L.LightningModule):
         self._epoch_start, self._last_step_end = time.monotonic(), None
         self._steps.start_epoch()
 
+    @staticmethod
+    def _time_left(timer: Timer) -> float | None:
+        """The budget's seconds left to plan with: all but a reserve for the machine's hiccups at its very end
+        (5% of the budget, at most 1 s). Planned to the last step, a stall of a few tens of milliseconds among the
+        last steps of a tiny run let the budget stop it above the floor."""
+        left = timer.time_remaining()
+        if left is None:
+            return None
+        reserve = min(0.05 * (timer.time_elapsed() + left), 1.0)
+        return max(left - reserve, 0.0)
+
     def _one_off_seconds(self) -> float:
         """This epoch's one-off step costs so far (a compilation, the optimiser's first step), not to plan with."""
         fallback = self.plan.typical_step_time() if self.plan is not None and self.plan.epoch_times else None
@@ -468,7 +479,7 @@ class ImageClassifier(L.LightningModule):
         # This epoch's mean step, without its one-off costs: they will not slow the steps still to come.
         per_step = (now - self._epoch_start - self._one_off_seconds()) / (batch_idx + 1)
         # From the first process's clock, as the budget's own check is (one broadcast a step, as Lightning's).
-        per_step, left = self.trainer.strategy.broadcast((per_step, timer.time_remaining()))
+        per_step, left = self.trainer.strategy.broadcast((per_step, self._time_left(timer)))
         batches = self.trainer.num_training_batches
         epoch_end = None
         if math.isfinite(batches):
@@ -487,7 +498,7 @@ class ImageClassifier(L.LightningModule):
         now = time.monotonic()
         after_steps = now - self._last_step_end if self._last_step_end is not None else 0.0  # validation, reports
         seconds, left, after_steps, one_off = self.trainer.strategy.broadcast(
-            (now - self._epoch_start, timer.time_remaining(), after_steps, self._one_off_seconds()))
+            (now - self._epoch_start, self._time_left(timer), after_steps, self._one_off_seconds()))
         planned = self.plan.replan(done, self.global_step, seconds, left or 0.0, after_steps, one_off)
         self.log("planned_epochs", float(planned), rank_zero_only=True)
         if done >= planned:
