@@ -49,14 +49,13 @@ def make_optimizer(name: str, groups: list[dict], lr: float, momentum: float = 0
     if name not in OPTIMIZERS:
         raise ConfigError(f"model.optimizer must be sgd, adam or adamw, got {name!r}")
     kwargs = {"lr": lr, **({"momentum": momentum, "nesterov": momentum > 0} if name == "sgd" else {})}
-    opt = None
     for implementation in implementations[:-1]:
         try:  # the optimiser writes its defaults into the groups it is given: each try gets fresh copies
             opt = OPTIMIZERS[name]([dict(g) for g in groups], **kwargs, **implementation)
             break
         except (RuntimeError, TypeError, ValueError):  # not for this device, or not in this torch
             continue
-    if opt is None:
+    else:
         opt = OPTIMIZERS[name]([dict(g) for g in groups], **kwargs, **implementations[-1])
     chosen = {key: opt.defaults[key] for key in ("fused", "foreach") if key in opt.defaults}
 
@@ -416,8 +415,8 @@ class ImageClassifier(L.LightningModule):
         no_decay = [p for p in params if p.ndim <= 1]
         groups = [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         # A fused optimiser unscales a gradient scaler's gradients itself (fp16), so Lightning's mixed precision
-        # refuses to clip its gradients (bf16 too, where nothing is scaled), and with a scaler unscales them before
-        # the step anyway. The multi-tensor update does the same arithmetic.
+        # refuses to clip its gradients (bf16 too, where nothing is scaled); under a scaler the multi-tensor update
+        # is kept also without clipping. It does the same arithmetic.
         plugin = self.trainer.precision_plugin
         unfused = getattr(plugin, "scaler", None) is not None or (
             isinstance(plugin, MixedPrecision) and bool(self.trainer.gradient_clip_val))

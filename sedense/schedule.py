@@ -25,8 +25,8 @@ after it, the clock check makes it the last and brings it to the floor at its en
 
 from __future__ import annotations
 
+import bisect
 import math
-import statistics
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
@@ -206,7 +206,7 @@ class StepTimes:
     """
 
     seen: set[tuple] = field(default_factory=set)
-    regular: list[float] = field(default_factory=list)
+    regular: list[float] = field(default_factory=list)  # sorted: its median is read after every step
     firsts: list[float] = field(default_factory=list)
 
     def start_epoch(self) -> None:
@@ -215,7 +215,7 @@ class StepTimes:
     def add(self, seconds: float, shape: tuple) -> None:
         """One step of ``seconds`` on inputs of ``shape``."""
         if shape in self.seen:
-            self.regular.append(seconds)
+            bisect.insort(self.regular, seconds)
         else:
             self.seen.add(shape)
             self.firsts.append(seconds)
@@ -223,7 +223,10 @@ class StepTimes:
     def one_off(self, fallback: float | None = None) -> float:
         """Seconds of this epoch's steps that were one-off: each first step's time beyond a regular step's, the
         median of the epoch's others, or ``fallback`` (an earlier epoch's) while it has none."""
-        typical = statistics.median(self.regular) if self.regular else fallback
+        if not self.firsts:  # most epochs: every shape seen before
+            return 0.0
+        n = len(self.regular)
+        typical = (self.regular[(n - 1) // 2] + self.regular[n // 2]) / 2 if n else fallback
         if typical is None:  # nothing to compare with: all of the epoch is planned with
             return 0.0
         return sum(max(s - typical, 0.0) for s in self.firsts)
