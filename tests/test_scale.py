@@ -35,8 +35,9 @@ from sedense.data.streaming import read_split
 
 def count_checks(monkeypatch) -> list:
     opened = []
-    real = images.check_image
-    monkeypatch.setattr(images, "check_image", lambda path, verify="header": opened.append(path) or real(path, verify))
+    real = images.inspect_image
+    monkeypatch.setattr(images, "inspect_image",
+                        lambda path, verify="header": opened.append(path) or real(path, verify))
     return opened
 
 

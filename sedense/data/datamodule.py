@@ -171,12 +171,17 @@ class ImageFolderDataModule(L.LightningDataModule):
         """The split, scanned by the first process only and shared with the others (also a scan's error)."""
         if self.streaming:
             return read_split(str(self.root))
+        return self._on_first_process(self._scan)
+
+    def _on_first_process(self, work):
+        """``work()``, done by the first process alone and its result (or its ``DataError``) given to every other:
+        a folder read by each process separately could differ between them (files arriving, removed, changing)."""
         trainer = self.trainer
         shared = trainer is not None and trainer.world_size > 1 and torch.distributed.is_initialized()
         if not shared:
-            return self._scan()
+            return work()
         try:
-            result = self._scan() if trainer.is_global_zero else None
+            result = work() if trainer.is_global_zero else None
         except DataError as err:
             result = err
         result = trainer.strategy.broadcast(result)
@@ -186,7 +191,7 @@ class ImageFolderDataModule(L.LightningDataModule):
 
     def _scan(self) -> Split:
         hp, start = self.hparams, time.perf_counter()
-        split = scan_dataset(self.root, hp.val_split, hp.seed, hp.verify)
+        split = scan_dataset(self.root, hp.val_split, hp.seed, hp.verify, self.largest_resize())
         files = len(split.train) + len(split.val) + len(split.test) + len(split.skipped)
         # Printed by the process that scans, which is the first one alone when several train together.
         print(f"Scanned {files:,} files of {len(split.class_names)} classes under {self.root} in "
@@ -238,6 +243,11 @@ class ImageFolderDataModule(L.LightningDataModule):
     def eval_transform(self) -> T.Compose:
         return self.preprocessing.eval_transform()
 
+    def largest_resize(self) -> int:
+        """The largest short side this data's images are resized to (evaluation's, or the training cache's):
+        images too thin to resize to it are refused when scanned (``sedense.data.images.resize_reason``)."""
+        return max(self.preprocessing.resize_size, self.train_cache_side() if self.hparams.cache else 0)
+
     # ----------------------------------------------------------------------------- Lightning hooks
     def train_cache_side(self) -> int:
         """Short side of cached training images: crops of the smallest scale need no up-sampling."""
@@ -280,7 +290,8 @@ class ImageFolderDataModule(L.LightningDataModule):
                 self.train_set = self._streaming("train", split.train, self.train_transform(), evaluation=False)
                 self.val_set = self._streaming("val", split.val, self.eval_transform())
             elif self.hparams.cache:
-                self.train_set = ImageListDataset(train, self.train_transform(), T.Resize(self.train_cache_side()))
+                self.train_set = ImageListDataset(train, self.train_transform(), T.Resize(self.train_cache_side()),
+                                                  short_side=self.train_cache_side())
                 pre = self.preprocessing
                 self.val_set = self._eval_set(val, pre.normalize(), pre.eval_geometry())
                 self._fill_caches(self.train_set, self.val_set)
@@ -299,14 +310,18 @@ class ImageFolderDataModule(L.LightningDataModule):
                 raise DataError(
                     "data.predict_root is not set: give the images to classify (folder, image, glob or list)"
                 )
-            files, missing = resolve_inputs(str(self.predict_root))
-            self.predict_files, bad = filter_images(files, self.hparams.verify)
-            self.predict_errors = missing + bad
+            self.predict_files, self.predict_errors = self._on_first_process(self._predict_inputs)
             if not self.predict_files:
                 first = self.predict_errors[0] if self.predict_errors else None
                 detail = f"; e.g. {first[0]}: {first[1]}" if first else ""
                 raise DataError(f"data.predict_root: no readable images in {self.predict_root}{detail}")
             self.predict_pending = list(self.predict_files)
+
+    def _predict_inputs(self) -> tuple[list[Path], list[tuple[Path, str]]]:
+        """The readable inputs of ``predict_root`` in order, and ``(path, reason)`` for the rest."""
+        files, missing = resolve_inputs(str(self.predict_root))
+        good, bad = filter_images(files, self.hparams.verify, short_side=self.preprocessing.resize_size)
+        return good, missing + bad
 
     def skip_predicted(self, done: Collection[str]) -> int:
         """Leave out of this prediction the inputs already predicted (``str`` paths, from an interrupted run).
@@ -319,11 +334,12 @@ class ImageFolderDataModule(L.LightningDataModule):
 
     def _streaming(self, subset: str, pairs: list, transform, evaluation: bool = True):
         return StreamingImages(str(self.root), subset, [p for p, _ in pairs], transform, evaluation,
-                               self.preprocessing.image_size)
+                               self.preprocessing.image_size, self.preprocessing.resize_size if evaluation else None)
 
     def _eval_set(self, samples: list[tuple[Path, int]], transform, prepare=None) -> ImageListDataset:
         """Evaluation never substitutes a broken image with another (that would count one twice): it marks it."""
-        return ImageListDataset(samples, transform, prepare, evaluation=True, blank_size=self.preprocessing.image_size)
+        return ImageListDataset(samples, transform, prepare, evaluation=True, blank_size=self.preprocessing.image_size,
+                                short_side=self.preprocessing.resize_size)
 
     def _check_model_classes(self, class_names: list[str]) -> None:
         model_names = self._model_class_names()
@@ -336,7 +352,8 @@ class ImageFolderDataModule(L.LightningDataModule):
     def _test_samples(self) -> list[tuple[Path, int]]:
         model_names = self._model_class_names()
         if self.test_root is not None:
-            found = scan_class_folders(self.test_root, "data.test_root", 1, self.hparams.verify, self.test_skipped)
+            found = scan_class_folders(self.test_root, "data.test_root", 1, self.hparams.verify, self.test_skipped,
+                                       short_side=self.preprocessing.resize_size)
             self._report_skipped(self.test_skipped, str(self.test_root))
             names = model_names or sorted(found)
             pairs = match_classes(found, names, self.test_root, "data.test_root")

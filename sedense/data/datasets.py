@@ -31,7 +31,8 @@ class ImageListDataset(Dataset):
     with a warning naming the file. Evaluation and prediction (``evaluation=True``) yield ``(image, target,
     index)`` and never substitute, since that would count one image twice: a file that fails comes back as
     a blank image with target ``UNREADABLE``, for the caller to leave out and list. Index ``-1`` (see
-    :class:`EvalSampler`) is padding: a blank image with target ``PADDING``.
+    :class:`EvalSampler`) is padding: a blank image with target ``PADDING``. With ``short_side``, an image too
+    thin to resize to it (changed since the scan) fails as a broken file does, before its pixels are decoded.
     """
 
     def __init__(
@@ -41,12 +42,14 @@ class ImageListDataset(Dataset):
         prepare: Callable | None = None,
         evaluation: bool = False,
         blank_size: int = 1,
+        short_side: int | None = None,
     ) -> None:
         self.samples = list(samples)
         self.transform = transform
         self.prepare = prepare
         self.evaluation = evaluation
         self.blank_size = blank_size
+        self.short_side = short_side  # images too thin to resize to this are refused before decoding
         self.cache: list[Image.Image] | None = None
 
     def __len__(self) -> int:
@@ -57,7 +60,7 @@ class ImageListDataset(Dataset):
         return self.samples[index][0]
 
     def _decode(self, index: int) -> Image.Image:
-        img = load_image(self.samples[index][0])
+        img = load_image(self.samples[index][0], self.short_side)
         return self.prepare(img) if self.prepare is not None else img
 
     def _decode_or_none(self, index: int) -> Image.Image | None:

@@ -9,7 +9,22 @@ from pathlib import Path
 
 from sedense.data.images import IMG_EXTENSIONS, filter_images, list_images
 from sedense.data.index import ScanIndex
-from sedense.errors import DataError
+from sedense.errors import ConfigError, DataError
+
+
+def check_class_names(names: Sequence[str], source: str) -> list[str]:
+    """``names`` as a list, or one ``ConfigError`` naming ``source`` for a name that is not a plain folder name.
+
+    Class names become folder names (``sort_into/<class>/``, the run's reports): a checkpoint or an export's
+    sidecar that names a class ``../x`` or ``/etc`` would write outside the folder the user chose.
+    """
+    for name in names:
+        text = str(name)
+        if not text or text in (".", "..") or any(c in text for c in ("/", "\\", "\0")):
+            raise ConfigError(f"{source}: the class name {text!r} is not a plain folder name (it is empty, . or .., "
+                              "or holds a path separator); rename the class, or give a model whose classes are "
+                              "folder names")
+    return list(names)
 
 
 def scan_class_folders(
@@ -19,11 +34,13 @@ def scan_class_folders(
     verify: str = "header",
     skipped: list[tuple[Path, str]] | None = None,
     use_index: bool = True,
+    short_side: int | None = None,
 ) -> dict[str, list[Path]]:
     """Map each class (a sub-folder of ``root``) to its usable images; raise ``DataError`` on bad layouts.
 
     A training set needs two classes; a test set (``min_classes=1``) may hold a few of them.
-    Files that fail :func:`check_image` are left out and appended to ``skipped``. Files unchanged since an
+    Files that fail :func:`check_image` (with ``short_side``: also images too thin to resize to it) are left out
+    and appended to ``skipped``. Files unchanged since an
     earlier scan are not opened again (:class:`~sedense.data.index.ScanIndex`).
     """
     if not root.is_dir():
@@ -36,7 +53,7 @@ def scan_class_folders(
     classes = {}
     with ScanIndex(root, enabled=use_index) as index:
         for d in class_dirs:
-            good, bad = filter_images(list_images(d), verify, index)
+            good, bad = filter_images(list_images(d), verify, index, short_side)
             classes[d.name] = good
             if skipped is not None:
                 skipped.extend(bad)
@@ -104,12 +121,13 @@ def list_classes(root: Path) -> list[str]:
     return names
 
 
-def scan_dataset(root: Path, val_split: float, seed: int, verify: str = "header") -> Split:
+def scan_dataset(root: Path, val_split: float, seed: int, verify: str = "header",
+                 short_side: int | None = None) -> Split:
     """Find the classes and files under ``root`` and split them.
 
     ``root`` holding ``train/`` and ``val/`` (and optionally ``test/``) is used as given;
     otherwise every sub-folder is a class, split by :func:`stratified_split`. Every file is
-    checked with :func:`check_image` (``verify``); the unusable ones are listed in ``skipped``.
+    checked with :func:`check_image` (``verify``, ``short_side``); the unusable ones are listed in ``skipped``.
     Paths are given as ``root`` is (relative stays relative).
     """
     root = Path(root)
@@ -117,8 +135,10 @@ def scan_dataset(root: Path, val_split: float, seed: int, verify: str = "header"
     if not root.is_dir():
         raise DataError(f"data.root: folder {root} does not exist")
     if (root / "train").is_dir() and (root / "val").is_dir():
-        train_cls = scan_class_folders(root / "train", "data.root train/", verify=verify, skipped=skipped)
-        val_cls = scan_class_folders(root / "val", "data.root val/", verify=verify, skipped=skipped)
+        train_cls = scan_class_folders(root / "train", "data.root train/", verify=verify, skipped=skipped,
+                                       short_side=short_side)
+        val_cls = scan_class_folders(root / "val", "data.root val/", verify=verify, skipped=skipped,
+                                     short_side=short_side)
         if set(train_cls) != set(val_cls):
             only_t = sorted(set(train_cls) - set(val_cls))
             only_v = sorted(set(val_cls) - set(train_cls))
@@ -132,9 +152,9 @@ def scan_dataset(root: Path, val_split: float, seed: int, verify: str = "header"
         val = sorted((p, c) for c, files in val_cls.items() for p in files)
         test = []
         if (root / "test").is_dir():
-            test_cls = scan_class_folders(root / "test", "data.root test/", 1, verify, skipped)
+            test_cls = scan_class_folders(root / "test", "data.root test/", 1, verify, skipped, short_side=short_side)
             test = match_classes(test_cls, class_names, root / "test", "data.root test/")
         return Split(class_names, train, val, test, skipped)
-    classes = scan_class_folders(root, verify=verify, skipped=skipped)
+    classes = scan_class_folders(root, verify=verify, skipped=skipped, short_side=short_side)
     train, val = stratified_split(classes, val_split, seed)
     return Split(sorted(classes), train, val, [], skipped)

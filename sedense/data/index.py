@@ -1,11 +1,15 @@
 """An index of checked files, so that a second scan of an unchanged folder does not open every file again.
 
 Checking a file means opening it (``data.verify: header``) or decoding it (``full``). The index keeps, for
-every file of a folder, the result of its check keyed by its path relative to the folder, its size and its
-modification time (to the nanosecond): a file that changed, appeared or was replaced is checked again; one
-that is gone is forgotten when the index is saved. It lives in a cache folder, one SQLite file per folder:
-``$SEDENSE_CACHE``, else ``$XDG_CACHE_HOME/sedense``, else ``~/.cache/sedense``. An index that cannot be
-read or written is simply not used (the scan opens every file, as without one).
+every file of a folder, the result of its check and the image's width and height, keyed by its path relative to
+the folder, its size, its modification time, its inode and its status-change time (to the nanosecond): a file
+that changed, appeared or was replaced is checked again, also one put in place with the old size and
+modification time (``cp -p``, ``rsync -a``, ``tar x``: the inode or the change time differ); one that is gone is
+forgotten when the index is saved. Only verdicts about a file's content are kept: a file that could not be read
+for a reason that may pass (no permission, an I/O error, too many open files) is checked again next time.
+It lives in a cache folder, one SQLite file per folder: ``$SEDENSE_CACHE``, else ``$XDG_CACHE_HOME/sedense``,
+else ``~/.cache/sedense``. An index that cannot be read or written is simply not used (the scan opens every file,
+as without one).
 """
 
 from __future__ import annotations
@@ -18,6 +22,12 @@ from pathlib import Path
 
 LEVELS = {"header": 1, "full": 2}  # a full check also answers a header check
 OK = ""  # the stored reason of a usable file
+TABLE = "files_v2"  # an index of another layout is not read (its files are checked again)
+Entry = tuple[int, int, int, int, int, str, int, int]  # size, mtime_ns, ino, ctime_ns, level, reason, width, height
+
+
+def stat_key(stat: os.stat_result) -> tuple[int, int, int, int]:
+    return stat.st_size, stat.st_mtime_ns, stat.st_ino, stat.st_ctime_ns
 
 
 def cache_folder() -> Path:
@@ -36,8 +46,8 @@ class ScanIndex:
 
     def __init__(self, root: Path, enabled: bool = True) -> None:
         self.root = Path(os.path.abspath(root))
-        self.entries: dict[str, tuple[int, int, int, str]] = {}  # rel path -> (size, mtime_ns, level, reason)
-        self.seen: dict[str, tuple[int, int, int, str]] = {}
+        self.entries: dict[str, Entry] = {}  # rel path -> Entry
+        self.seen: dict[str, Entry] = {}
         self.path: Path | None = None
         self.reused = 0
         if not enabled:
@@ -47,8 +57,9 @@ class ScanIndex:
         try:
             if self.path.is_file():
                 with sqlite3.connect(self.path) as db:
-                    rows = db.execute("SELECT path, size, mtime_ns, level, reason FROM files").fetchall()
-                self.entries = {r[0]: (r[1], r[2], r[3], r[4]) for r in rows}
+                    if db.execute("SELECT 1 FROM sqlite_master WHERE name = ?", (TABLE,)).fetchone():
+                        rows = db.execute(f"SELECT * FROM {TABLE}").fetchall()
+                        self.entries = {r[0]: tuple(r[1:]) for r in rows}
         except sqlite3.Error as err:
             self._disable(f"cannot read the scan index {self.path} ({err})")
 
@@ -66,25 +77,30 @@ class ScanIndex:
     def key(self, path: Path) -> str:
         return os.path.relpath(os.path.abspath(path), self.root)
 
-    def lookup(self, path: Path, stat: os.stat_result, verify: str) -> str | None:
-        """The stored reason (``OK``: usable) if ``path`` is unchanged and was checked as thoroughly, else ``None``.
+    def lookup(self, path: Path, stat: os.stat_result, verify: str) -> tuple[str | None, tuple[int, int] | None] | None:
+        """``(reason, size)`` as stored (reason ``None``: usable) if ``path`` is unchanged and was checked as
+        thoroughly, else ``None``.
 
         A file that passed a more thorough check passes this one; one that failed it is checked again at the level
         asked for (it may pass a header check), so that a scan's result never depends on the scans before it.
         """
         key = self.key(path)
         entry = self.entries.get(key)
-        if entry is None or entry[0] != stat.st_size or entry[1] != stat.st_mtime_ns:
+        if entry is None or entry[:4] != stat_key(stat):
             return None
-        if entry[2] < LEVELS[verify] or (entry[2] > LEVELS[verify] and entry[3] != OK):
+        level, reason = entry[4], entry[5]
+        if level < LEVELS[verify] or (level > LEVELS[verify] and reason != OK):
             return None
         self.seen[key] = entry
         self.reused += 1
-        return entry[3]
+        return reason or None, (entry[6], entry[7]) if entry[6] else None
 
-    def record(self, path: Path, stat: os.stat_result | None, verify: str, reason: str | None) -> None:
+    def record(self, path: Path, stat: os.stat_result | None, verify: str, reason: str | None,
+               size: tuple[int, int] | None = None) -> None:
+        """Keep a verdict about ``path``'s content (callers leave out failures that may pass)."""
         if stat is not None:
-            self.seen[self.key(path)] = (stat.st_size, stat.st_mtime_ns, LEVELS[verify], reason or OK)
+            width, height = size or (0, 0)
+            self.seen[self.key(path)] = (*stat_key(stat), LEVELS[verify], reason or OK, width, height)
 
     def save(self) -> None:
         """Keep the files of this scan (those not looked at are dropped: gone, or another subset's next time)."""
@@ -97,8 +113,10 @@ class ScanIndex:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             tmp.unlink(missing_ok=True)
             with sqlite3.connect(tmp) as db:
-                db.execute("CREATE TABLE files (path TEXT PRIMARY KEY, size INT, mtime_ns INT, level INT, reason TEXT)")
-                db.executemany("INSERT INTO files VALUES (?, ?, ?, ?, ?)", ((k, *v) for k, v in keep.items()))
+                db.execute(f"CREATE TABLE {TABLE} (path TEXT PRIMARY KEY, size INT, mtime_ns INT, ino INT, "
+                           "ctime_ns INT, level INT, reason TEXT, width INT, height INT)")
+                db.executemany(f"INSERT INTO {TABLE} VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                               ((k, *v) for k, v in keep.items()))
             os.replace(tmp, self.path)  # whole or not at all, also with several runs scanning at once
         except (OSError, sqlite3.Error) as err:
             tmp.unlink(missing_ok=True)

@@ -101,12 +101,14 @@ class DecodeSample:
     (:func:`collate_present`). A callable object, so that the loader's workers can receive it.
     """
 
-    def __init__(self, transform: Callable, evaluation: bool, blank_size: int, paths: list) -> None:
+    def __init__(self, transform: Callable, evaluation: bool, blank_size: int, paths: list,
+                 short_side: int | None = None) -> None:
         self.transform, self.evaluation, self.blank_size, self.paths = transform, evaluation, blank_size, paths
+        self.short_side = short_side  # images too thin to resize to this are refused before decoding
 
     def __call__(self, sample: dict):
         try:
-            image = self.transform(load_image(io.BytesIO(sample["image"])))
+            image = self.transform(load_image(io.BytesIO(sample["image"]), self.short_side))
             target = int(sample["label"])
         except Exception as err:  # noqa: BLE001 - any decoder failure is a bad file, not a bad run
             if not self.evaluation:
@@ -140,11 +142,12 @@ class StreamingImages(_StreamingBase):
     """
 
     def __init__(self, root: str, subset: str, paths: list, transform: Callable, evaluation: bool,
-                 blank_size: int) -> None:
+                 blank_size: int, short_side: int | None = None) -> None:
         require_litdata()
         options = {"shuffle": False, "drop_last": False} if evaluation else {"shuffle": True}
         location = str(join(root, subset)) if is_remote(root) else str(Path(root) / subset)
-        super().__init__(location, transform=DecodeSample(transform, evaluation, blank_size, paths), **options)
+        decode = DecodeSample(transform, evaluation, blank_size, paths, short_side)
+        super().__init__(location, transform=decode, **options)
         self.paths = paths
 
     def path(self, position: int) -> str:
