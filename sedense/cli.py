@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
 import inspect
-import io
 import json
 import logging
 import os
@@ -26,11 +26,21 @@ from sedense.callbacks.runfiles import RunFiles
 from sedense.data.datamodule import ImageFolderDataModule, dataset_classes
 from sedense.data.streaming import optimize_command
 from sedense.errors import STORAGE_ERRNOS, ConfigError, SedenseError, StorageError
-from sedense.export import export_command, load_exported, use_onnx
-from sedense.models.pretrained import official_weights, safe_load
+from sedense.export import export_command, is_exported, load_exported, use_exported
+from sedense.models.pretrained import official_weights
 from sedense.module import ImageClassifier
 from sedense.preprocessing import Preprocessing
-from sedense.runs import AtomicCheckpointIO, is_remote, join, resolve_ckpt_path, run_dir, run_version, runs_under, say
+from sedense.runs import (
+    AtomicCheckpointIO,
+    is_remote,
+    join,
+    read_checkpoint,
+    resolve_ckpt_path,
+    run_dir,
+    run_version,
+    runs_under,
+    say,
+)
 from sedense.serve import serve_command
 from sedense.trainer import Trainer
 
@@ -95,12 +105,10 @@ def same_location(a, b) -> bool:
     return Path(a).resolve() == Path(b).resolve()
 
 
-def read_checkpoint(path, trusted: bool) -> dict:
-    """A checkpoint, read once: plain tensors and numbers only, unless ``trusted`` (``--weights_only false``)."""
-    if is_remote(path):
-        with get_filesystem(str(path)).open(str(path), "rb") as f:
-            return safe_load(io.BytesIO(f.read()), "--ckpt_path", trusted=trusted)
-    return safe_load(path, "--ckpt_path", mmap=True, trusted=trusted)
+def file_digest(path) -> str:
+    """The SHA-256 of a file's content, read a megabyte at a time."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 class SedenseCLI(LightningCLI):
@@ -149,10 +157,10 @@ class SedenseCLI(LightningCLI):
         # this hook to take the model's hyperparameters; this hook reads it once and applies them itself, and
         # puts the path back before anything is built (before_instantiate_classes).
         cfg.ckpt_path = None
-        if ckpt.endswith(".onnx"):
+        if is_exported(ckpt):
             if sub != "predict":
-                raise ConfigError(f"--ckpt_path {ckpt}: an ONNX model can only predict; give the .ckpt to {sub}")
-            # An exported model predicts through ONNX Runtime, with the classes and preprocessing
+                raise ConfigError(f"--ckpt_path {ckpt}: an exported model can only predict; give the .ckpt to {sub}")
+            # An exported model predicts through ONNX Runtime or TorchScript, with the classes and preprocessing
             # written beside it; there is no Lightning checkpoint to restore.
             self.onnx_path, self.ckpt = ckpt, None
             cfg.model.class_names, preprocessing = load_exported(ckpt)
@@ -230,7 +238,7 @@ class SedenseCLI(LightningCLI):
         return json.loads(json.dumps({
             "model": str(Path(model_file).resolve()) if stat else model_file,
             "model_size": stat.st_size if stat else None,
-            "model_mtime_ns": stat.st_mtime_ns if stat else None,
+            "model_sha256": file_digest(model_file) if stat else None,
             "inputs": str(Path(spec).resolve()) if local else spec,
             "preprocessing": Preprocessing.from_dict(cfg.data.preprocessing).to_dict(),
             "tta": cfg.model.get("tta"),
@@ -268,7 +276,7 @@ class SedenseCLI(LightningCLI):
 
     def before_predict(self) -> None:
         if self.onnx_path:
-            use_onnx(self.model, self.onnx_path)
+            use_exported(self.model, self.onnx_path)
 
     def before_fit(self) -> None:
         if self.resume_message:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import tempfile
@@ -13,20 +14,30 @@ import numpy as np
 import torch
 from torch import nn
 
-from sedense.data.images import filter_images, list_images, load_image
+from sedense.data.folders import check_class_names
+from sedense.data.images import filter_images, list_images, readable_inputs, skipped_note
 from sedense.errors import ConfigError, SedenseError, StorageError, require_extra
-from sedense.models.pretrained import safe_load
+from sedense.models.pretrained import is_torchscript
 from sedense.module import ImageClassifier
 from sedense.preprocessing import Preprocessing
 from sedense.quantize import (
     CALIBRATION_IMAGES,
     CALIBRATION_METHODS,
     MIN_AGREEMENT,
+    MIN_OVERALL_AGREEMENT,
     check_quantize_options,
     quantized_export,
     write_report,
 )
-from sedense.runs import TMP_SUFFIX, class_indices_json, write_file
+from sedense.runs import (
+    TMP_SUFFIX,
+    class_indices_json,
+    current_umask,
+    is_remote,
+    read_checkpoint,
+    remove_stale_temporaries,
+    write_file,
+)
 
 FORMATS = {"onnx": "model.onnx", "torchscript": "model.pt"}
 INT8_FILE = "model.int8.onnx"
@@ -34,15 +45,20 @@ PARITY_TOLERANCE = 1e-4
 
 
 def eval_batch(pre: Preprocessing, images: Path | None, n: int = 8) -> tuple[torch.Tensor, str]:
-    """Up to ``n`` real images as the model sees them, or a random batch when none can be found."""
-    transform = pre.eval_transform()
+    """Up to ``n`` real images as the model sees them (unreadable ones left out and counted), or a random batch
+    when none can be found."""
     files: list[Path] = []
     if images is not None and images.exists():
-        files = [images] if images.is_file() else filter_images(list_images(images)[: 4 * n])[0]
-    if files:
-        return torch.stack([transform(load_image(p)) for p in files[:n]]), f"{min(len(files), n)} images from {images}"
+        candidates = list_images(images)[: 4 * n]
+        files = [images] if images.is_file() else filter_images(candidates, short_side=pre.resize_size)[0]
+    skipped: list[tuple[Path, str]] = []
+    readable = readable_inputs(files, pre.eval_transform(), pre.resize_size, skipped)
+    tensors = [t for _, t in itertools.islice(readable, n)]
+    if tensors:
+        return torch.stack(tensors), f"{len(tensors)} images from {images}{skipped_note(skipped)}"
     size = pre.image_size
-    return torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0)), "a random batch (no images found)"
+    described = "a random batch (no readable images found" + (f": {skipped_note(skipped)[2:]})" if skipped else ")")
+    return torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0)), described
 
 
 def sidecar_files(out_dir: Path, class_names: list[str], pre: Preprocessing, model_file: str) -> None:
@@ -88,53 +104,86 @@ class OnnxNet(nn.Module):
         return torch.from_numpy(out).to(x.device)
 
 
-def use_onnx(model, path: str | Path):
-    """``model`` (an ``ImageClassifier``) classifying through an exported ONNX file with ONNX Runtime."""
-    model.net = OnnxNet(path)
+class TorchScriptNet(nn.Module):
+    """An exported TorchScript classifier (``model.pt``) behind the ``nn.Module`` interface, in float32."""
+
+    def __init__(self, path: str | Path) -> None:
+        super().__init__()
+        self.module = torch.jit.load(str(path), map_location="cpu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module(x.float())
+
+
+def is_exported(path) -> bool:
+    """Whether ``path`` is a model ``sedense export`` wrote (ONNX or TorchScript) rather than a checkpoint."""
+    return str(path).endswith(".onnx") or (not is_remote(path) and is_torchscript(path))
+
+
+def use_exported(model, path: str | Path):
+    """``model`` (an ``ImageClassifier``) classifying through an exported file: ONNX with ONNX Runtime, TorchScript
+    with torch."""
+    model.net = OnnxNet(path) if str(path).endswith(".onnx") else TorchScriptNet(path)
     return model
 
 
 def load_exported(path: str | Path) -> tuple[list[str], Preprocessing]:
     """The classes and preprocessing written beside an exported model."""
+    if is_remote(path):
+        raise ConfigError(f"--ckpt_path {path}: an exported model is read from a local folder, with the "
+                          "class_indices.json and preprocessing.json beside it; copy that folder here and give its "
+                          "path")
     folder = Path(path).parent
     try:
         classes = json.loads((folder / "class_indices.json").read_text(encoding="utf-8"))
         pre = Preprocessing.from_sidecar(folder / "preprocessing.json")
-    except (OSError, ValueError, ConfigError) as err:
+        names = [classes[str(i)] for i in range(len(classes))]
+    except (OSError, ValueError, KeyError, ConfigError) as err:
         raise ConfigError(
             f"--ckpt_path {path}: class_indices.json and preprocessing.json must lie beside the exported model ({err})"
         ) from None
-    return [classes[str(i)] for i in range(len(classes))], pre
+    return check_class_names(names, str(folder / "class_indices.json")), pre
 
 
-def export(ckpt_path: Path, fmt: str, out_dir: Path | None = None, images: Path | None = None,
+def default_out_dir(ckpt_path) -> Path:
+    """The run's ``export/`` folder for a checkpoint of a run, else the checkpoint's folder."""
+    if is_remote(ckpt_path):
+        raise ConfigError(f"--out: give a local folder for the export of {ckpt_path} (the checkpoint is remote)")
+    ckpt_path = Path(ckpt_path)
+    return ckpt_path.parent.parent / "export" if ckpt_path.parent.name == "checkpoints" else ckpt_path.parent
+
+
+def export(ckpt_path: Path | str, fmt: str, out_dir: Path | None = None, images: Path | None = None,
            trusted: bool = False, quantize: str | None = None, calibration_data: Path | None = None,
            eval_data: Path | None = None, calibration_images: int = CALIBRATION_IMAGES,
-           min_agreement: float = MIN_AGREEMENT, calibration_method: str = "percentile") -> tuple[Path, float]:
+           min_agreement: float = MIN_AGREEMENT, calibration_method: str = "percentile",
+           min_overall_agreement: float = MIN_OVERALL_AGREEMENT) -> tuple[Path, float]:
     """Write the model in ``fmt`` with its sidecar files; returns the file and the largest difference.
 
-    The model is written to a temporary file and checked against PyTorch first: a model that fails the
-    check is deleted, and neither it nor its sidecar files replace anything already in ``out_dir``.
-    With ``quantize="int8"`` (ONNX) an INT8 model is made from it and checked too (``sedense.quantize``);
-    when it is refused, nothing is written.
+    The checkpoint (a local file or a URL) is read once. The model is written to a temporary file and checked
+    against PyTorch first: a model that fails the check is deleted, and neither it nor its sidecar files replace
+    anything already in ``out_dir``. With ``quantize="int8"`` (ONNX) an INT8 model is made from it and checked too
+    (``sedense.quantize``); when it is refused, nothing is written. An export without ``quantize`` removes the INT8
+    files an earlier export left in ``out_dir``: they belong to another model. Files get the permissions of the
+    user's umask, as any file they create.
     """
-    model, preprocessing = ImageClassifier.for_inference(ckpt_path, trusted=trusted)
+    checkpoint = read_checkpoint(ckpt_path, trusted)
+    model, preprocessing = ImageClassifier.for_inference(ckpt_path, checkpoint=checkpoint)
     net = model.net.float().eval().to(memory_format=torch.contiguous_format)
-    if out_dir is None:
-        out_dir = ckpt_path.parent.parent / "export" if ckpt_path.parent.name == "checkpoints" else ckpt_path.parent
+    out_dir = default_out_dir(ckpt_path) if out_dir is None else out_dir
     path = out_dir / FORMATS[fmt]
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(out_dir)  # what a killed export left
         fd, tmp_name = tempfile.mkstemp(dir=out_dir, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
         os.close(fd)
     except OSError as err:
         raise StorageError(out_dir, err) from None
-    tmp, tmp_int8 = Path(tmp_name), Path(tmp_name + ".int8")
+    tmp, tmp_int8 = Path(tmp_name), Path(tmp_name.removesuffix(TMP_SUFFIX) + ".int8" + TMP_SUFFIX)
     try:
         if images is None:
-            root = (safe_load(ckpt_path, "--ckpt_path", mmap=True, trusted=trusted)
-                    .get("datamodule_hyper_parameters") or {}).get("root")
-            images = Path(root) if root else None
+            root = (checkpoint.get("datamodule_hyper_parameters") or {}).get("root")
+            images = Path(root) if root and not is_remote(root) else None
         batch, described = eval_batch(preprocessing, images)
         with torch.no_grad():
             expected = net(batch)
@@ -142,11 +191,10 @@ def export(ckpt_path: Path, fmt: str, out_dir: Path | None = None, images: Path 
             export_onnx(net, batch, tmp)
             got = torch.from_numpy(run_onnx(tmp, batch))
         else:
-            with torch.no_grad():
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)  # torch's notes on TorchScript's future
                 torch.jit.trace(net, batch[:1], check_trace=False).save(str(tmp))
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", FutureWarning)
-                    got = torch.jit.load(str(tmp), map_location="cpu")(batch)
+                got = torch.jit.load(str(tmp), map_location="cpu")(batch)
         diff = float((got - expected).abs().max())
         same = bool((got.argmax(1) == expected.argmax(1)).all())
         print(f"Parity on {described}: largest logit difference {diff:.2e} (limit {PARITY_TOLERANCE:g}); "
@@ -155,15 +203,23 @@ def export(ckpt_path: Path, fmt: str, out_dir: Path | None = None, images: Path 
             raise SedenseError(f"the {fmt} export of {ckpt_path} differs from PyTorch by {diff:.2e} "
                                f"(> {PARITY_TOLERANCE:g}); nothing was written to {out_dir}")
         written = [path, out_dir / "class_indices.json", out_dir / "preprocessing.json"]
+        mode = 0o666 & ~current_umask()  # mkstemp makes 0600
         if quantize:
-            checkpoint = safe_load(ckpt_path, "--ckpt_path", mmap=True, trusted=trusted)
             report = quantized_export(tmp, tmp_int8, checkpoint, model.class_names, preprocessing, calibration_data,
-                                      eval_data, calibration_images, min_agreement, calibration_method)
+                                      eval_data, calibration_images, min_agreement, calibration_method,
+                                      min_overall_agreement)
             write_report(out_dir / "quantization.json", report)
+            os.chmod(tmp_int8, mode)
             os.replace(tmp_int8, out_dir / INT8_FILE)
             written[1:1] = [out_dir / INT8_FILE, out_dir / "quantization.json"]
         sidecar_files(out_dir, model.class_names, preprocessing, path.name)
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
+        if not quantize and fmt == "onnx":
+            for stale in (out_dir / INT8_FILE, out_dir / "quantization.json"):
+                stale.unlink(missing_ok=True)
+    except OSError as err:
+        raise StorageError(out_dir, err) from None
     finally:
         tmp.unlink(missing_ok=True)
         tmp_int8.unlink(missing_ok=True)
@@ -197,11 +253,15 @@ def export_command(argv: list[str]) -> None:
     parser.add_argument("--min_agreement", type=float, default=MIN_AGREEMENT,
                         help="refuse an INT8 model that keeps the class of fewer of the images fp32 is sure of "
                              f"(default {MIN_AGREEMENT})")
+    parser.add_argument("--min_overall_agreement", type=float, default=MIN_OVERALL_AGREEMENT,
+                        help="refuse an INT8 model that keeps the class of fewer of all the checked images "
+                             f"(default {MIN_OVERALL_AGREEMENT})")
     args = parser.parse_args(argv)
-    check_quantize_options(args.format, args.quantize, args.min_agreement, args.calibration_images)
+    check_quantize_options(args.format, args.quantize, args.min_agreement, args.calibration_images,
+                           args.min_overall_agreement)
     from sedense.runs import resolve_ckpt_path
 
     export(resolve_ckpt_path(args.ckpt_path), args.format, args.out, args.images, trusted=not args.weights_only,
            quantize=args.quantize, calibration_data=args.calibration_data, eval_data=args.eval_data,
            calibration_images=args.calibration_images, min_agreement=args.min_agreement,
-           calibration_method=args.calibration_method)
+           calibration_method=args.calibration_method, min_overall_agreement=args.min_overall_agreement)

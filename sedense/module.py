@@ -18,11 +18,13 @@ from torch import Tensor
 from torchmetrics.classification import MulticlassAccuracy
 
 from sedense.data.datasets import UNREADABLE
+from sedense.data.folders import check_class_names
 from sedense.data.transforms import batch_mixer
 from sedense.errors import ConfigError, TrainingError
 from sedense.models import build_model
-from sedense.models.pretrained import load_backbone, load_official_state_dict, load_weights_file, safe_load
+from sedense.models.pretrained import load_backbone, load_official_state_dict, load_weights_file
 from sedense.preprocessing import Preprocessing
+from sedense.runs import say
 from sedense.schedule import (
     StepTimes,
     TimePlan,
@@ -170,6 +172,7 @@ class ImageClassifier(L.LightningModule):
             )
         if len(set(class_names)) != len(class_names):
             raise ConfigError(f"class names must be unique, got {class_names}")
+        check_class_names(class_names, "model.class_names")
         if lr <= 0 or not 0 < lrf <= 1:
             raise ConfigError(f"model.lr must be > 0 and model.lrf in (0, 1], got lr={lr}, lrf={lrf}")
         if isinstance(class_weights, list) and len(class_weights) != len(class_names):
@@ -198,6 +201,8 @@ class ImageClassifier(L.LightningModule):
         self.plan: TimePlan | None = None  # with schedule "time": the epochs that fit in the budget
         self._epoch_start: float | None = None
         self._last_step_end: float | None = None
+        self._first_batch: int | None = None  # this process's first batch of the epoch
+        self._plan_options: tuple[int, int | None] = (1, None)  # steps an epoch and epoch cap, as in force
         self._step_shape: tuple = ()
         self._steps = StepTimes()  # this process's training steps: which paid one-off costs
         try:
@@ -230,12 +235,16 @@ class ImageClassifier(L.LightningModule):
         self.test_acc = MulticlassAccuracy(k, average="micro")
 
     @classmethod
-    def for_inference(cls, ckpt_path: str | Path, trusted: bool = False) -> tuple[ImageClassifier, Preprocessing]:
-        """A trained classifier in eval mode, and its preprocessing, from a sedense checkpoint alone.
+    def for_inference(cls, ckpt_path: str | Path, trusted: bool = False,
+                      checkpoint: dict | None = None) -> tuple[ImageClassifier, Preprocessing]:
+        """A trained classifier in eval mode, and its preprocessing, from a sedense checkpoint alone (a local file
+        or a URL), or from ``checkpoint``, the file's content already read.
 
         Loaded without unpickling objects unless ``trusted``; no dataset, pretrained file or network is needed.
         """
-        ckpt = safe_load(ckpt_path, "--ckpt_path", trusted=trusted)
+        from sedense.runs import read_checkpoint
+
+        ckpt = checkpoint if checkpoint is not None else read_checkpoint(ckpt_path, trusted)
         if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "hyper_parameters" not in ckpt:
             raise ConfigError(f"--ckpt_path: {ckpt_path} is not a sedense checkpoint (no state_dict/hyper_parameters)")
         hparams = {k: v for k, v in ckpt["hyper_parameters"].items() if not k.startswith("_")}  # not the CLI's keys
@@ -298,6 +307,7 @@ class ImageClassifier(L.LightningModule):
             self.class_weight = weight
 
     def on_train_start(self) -> None:
+        self._resume_plan()
         self.val_acc.reset()
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
         total = sum(p.numel() for p in self.parameters())
@@ -432,6 +442,7 @@ class ImageClassifier(L.LightningModule):
             if self._timer() is None:  # Lightning adds its Timer for trainer.max_time
                 raise ConfigError("model.schedule: time needs a budget: set trainer.max_time, e.g. 00:00:58:00")
             max_epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else None
+            self._plan_options = (max(int(per_epoch), 1), max_epochs)  # a resumed plan is checked against them
             if self.plan is None:  # a resumed run restored its plan in on_load_checkpoint
                 self.plan = TimePlan(max(int(per_epoch), 1), warmup, max_epochs)
             progress = self.plan.progress
@@ -447,8 +458,22 @@ class ImageClassifier(L.LightningModule):
     def _timer(self) -> Timer | None:
         return next((c for c in self.trainer.callbacks if isinstance(c, Timer)), None)
 
+    def _resume_plan(self) -> None:
+        """A plan restored from a checkpoint is made for the options it was saved with: plan again if the budget,
+        the epoch cap or the steps an epoch (batch size, processes) differ now, and say what changed. Here, not in
+        configure_optimizers: the budget's time already spent is restored with the callbacks, after it."""
+        timer = self._timer()
+        if self.plan is None or timer is None or timer.time_remaining() is None:
+            return
+        budget, elapsed = self.trainer.strategy.broadcast(
+            (timer.time_elapsed() + timer.time_remaining(), timer.time_elapsed()))
+        changed = self.plan.resume(self.global_step, self.current_epoch, *self._plan_options, budget, elapsed)
+        if changed:
+            say(f"Time budget: resumed with {', '.join(changed)}: the schedule is planned again from "
+                           f"here ({self.plan.planned_epochs} epochs, ending at the floor)")
+
     def on_train_epoch_start(self) -> None:
-        self._epoch_start, self._last_step_end = time.monotonic(), None
+        self._epoch_start, self._last_step_end, self._first_batch = time.monotonic(), None, None
         self._steps.start_epoch()
 
     @staticmethod
@@ -475,8 +500,10 @@ class ImageClassifier(L.LightningModule):
         now = time.monotonic()
         self._steps.add(now - (self._epoch_start if self._last_step_end is None else self._last_step_end),
                         self._step_shape)
-        # This epoch's mean step, without its one-off costs: they will not slow the steps still to come.
-        per_step = (now - self._epoch_start - self._one_off_seconds()) / (batch_idx + 1)
+        if self._first_batch is None:  # a run resumed mid-epoch starts past batch 0
+            self._first_batch = batch_idx
+        # This epoch's mean step in this process, without its one-off costs: they will not slow the steps to come.
+        per_step = (now - self._epoch_start - self._one_off_seconds()) / (batch_idx - self._first_batch + 1)
         # From the first process's clock, as the budget's own check is (one broadcast a step, as Lightning's).
         per_step, left = self.trainer.strategy.broadcast((per_step, self._time_left(timer)))
         batches = self.trainer.num_training_batches

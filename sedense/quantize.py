@@ -37,7 +37,10 @@
   class, nothing is written, and the command says so in one line. At 99%, at most 1 confident answer in 100
   changes. Answers the fp32 model is unsure of are near a tie between two classes, and rounding moves them
   (on the recipe's model every one of its 4 changed answers out of 404 had an fp32 confidence of 0.47 or
-  less), so they are counted and shown but do not decide.
+  less), so they decide only through the agreement over all images, which must reach
+  ``--min_overall_agreement`` (0.95): a weak model that is sure of few images or none is checked on all of them.
+  Images that cannot be decoded (a JPEG truncated past its header passes the scan) are left out of calibration
+  and of the check, counted in the report and named in the printed line.
 """
 
 from __future__ import annotations
@@ -52,12 +55,14 @@ import numpy as np
 import torch
 
 from sedense.data.folders import match_classes, scan_class_folders, scan_dataset
-from sedense.data.images import filter_images, list_images, load_image
+from sedense.data.images import filter_images, list_images, readable_inputs, skipped_note
 from sedense.errors import ConfigError, DataError, SedenseError, require_extra
 from sedense.int8_graph import equalize, integer_graph
 from sedense.preprocessing import Preprocessing
+from sedense.runs import TMP_SUFFIX, write_file
 
 MIN_AGREEMENT = 0.99
+MIN_OVERALL_AGREEMENT = 0.95
 CONFIDENT = 0.5
 CALIBRATION_IMAGES = 200
 CALIBRATION_METHODS = ("percentile", "minmax", "entropy")
@@ -81,39 +86,50 @@ def training_data(checkpoint: dict, class_names: list[str]) -> tuple[list[Path],
     if not root or not Path(root).is_dir():
         raise DataError(f"the model's training data ({root or 'not recorded'}) is not here: give images to "
                         "calibrate on with --calibration_data and labelled ones to check with --eval_data")
-    split = scan_dataset(Path(root), data.get("val_split", 0.2), data.get("seed", 42), data.get("verify", "header"))
+    split = scan_dataset(Path(root), data.get("val_split", 0.2), data.get("seed", 42), data.get("verify", "header"),
+                         Preprocessing.from_checkpoint(checkpoint).resize_size)
     if split.class_names != list(class_names):
         raise DataError(f"the classes under {root} are no longer the model's: give --calibration_data and --eval_data")
     return [p for p, _ in split.train], [(p, class_names.index(c)) for p, c in split.val], str(root)
 
 
-def calibration_files(folder: Path) -> list[Path]:
-    files = filter_images(list_images(folder))[0] if folder.is_dir() else []
+def calibration_files(folder: Path, pre: Preprocessing) -> list[Path]:
+    files = filter_images(list_images(folder), short_side=pre.resize_size)[0] if folder.is_dir() else []
     if not files:
         raise DataError(f"--calibration_data: no readable images under {folder}")
     return files
 
 
-def labelled_files(folder: Path, class_names: list[str]) -> list[tuple[Path, int]]:
-    found = scan_class_folders(folder, "--eval_data", 1)
+def labelled_files(folder: Path, class_names: list[str], pre: Preprocessing) -> list[tuple[Path, int]]:
+    found = scan_class_folders(folder, "--eval_data", 1, short_side=pre.resize_size)
     return [(Path(p), class_names.index(c)) for p, c in match_classes(found, class_names, folder, "--eval_data")]
 
 
-def batches(files: list[Path], pre: Preprocessing, size: int = 32):
-    transform = pre.eval_transform()
-    for start in range(0, len(files), size):
-        yield torch.stack([transform(load_image(p)) for p in files[start:start + size]]).numpy()
+def batches(files: list[Path], pre: Preprocessing, skipped: list[tuple[Path, str]], size: int = 32):
+    """``(batch, positions)``: the images of ``files`` that can be decoded, as the model sees them, ``size`` at a
+    time with their positions in ``files``; the others are appended to ``skipped``."""
+    transform, batch, positions = pre.eval_transform(), [], []
+    for position, tensor in readable_inputs(files, transform, pre.resize_size, skipped):
+        batch.append(tensor)
+        positions.append(position)
+        if len(batch) == size:
+            yield torch.stack(batch).numpy(), positions
+            batch, positions = [], []
+    if batch:
+        yield torch.stack(batch).numpy(), positions
 
 
 class Calibration:
     """ONNX Runtime's ``CalibrationDataReader``: the calibration images, preprocessed, a batch at a time."""
 
     def __init__(self, files: list[Path], pre: Preprocessing) -> None:
-        self.batches = batches(files, pre, 1)  # one image at a time: the histogram calibrators need equal shapes
+        self.skipped: list[tuple[Path, str]] = []
+        # One at a time: the histogram calibrators need batches of equal shapes.
+        self.batches = batches(files, pre, self.skipped, 1)
 
     def get_next(self):
         batch = next(self.batches, None)
-        return None if batch is None else {"images": batch}
+        return None if batch is None else {"images": batch[0]}
 
 
 def tensors_of(model, names: list[str], files: list[Path], pre: Preprocessing):
@@ -126,18 +142,20 @@ def tensors_of(model, names: list[str], files: list[Path], pre: Preprocessing):
     probe.CopyFrom(model)
     probe.graph.output.extend(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in names)
     session = onnx_session(probe.SerializeToString())
-    for batch in batches(files, pre):
+    for batch, _ in batches(files, pre, []):  # the calibration reader lists the files it cannot read
         yield session.run(names, {"images": batch})
 
 
-def quantize_int8(fp32: Path, out: Path, files: list[Path], pre: Preprocessing, method: str = "percentile") -> None:
-    """Static INT8 quantization of the ONNX model ``fp32`` into ``out`` (QOperator, per-channel weights)."""
+def quantize_int8(fp32: Path, out: Path, files: list[Path], pre: Preprocessing,
+                  method: str = "percentile") -> list[tuple[Path, str]]:
+    """Static INT8 quantization of the ONNX model ``fp32`` into ``out`` (QOperator, per-channel weights); returns
+    the calibration files that could not be read (left out)."""
     q = require_quantization()
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     calibrate = {"percentile": q.CalibrationMethod.Percentile, "minmax": q.CalibrationMethod.MinMax,
                  "entropy": q.CalibrationMethod.Entropy}[method]
-    prepared = out.with_name(out.name + ".prep")
+    prepared = out.with_name(out.name + ".prep" + TMP_SUFFIX)  # removed by the next export if a kill leaves it
     try:
         quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
         import onnx
@@ -146,80 +164,101 @@ def quantize_int8(fp32: Path, out: Path, files: list[Path], pre: Preprocessing, 
         ranges = equalize(model, lambda m, names: tensors_of(m, names, files, pre))
         onnx.save(model, str(prepared))
         shared = {name: [{"rmin": np.float32(-r), "rmax": np.float32(r)}] for name, r in ranges.items()}
+        reader = Calibration(files, pre)
         with contextlib.redirect_stdout(io.StringIO()):  # the calibrators print their progress
-            q.quantize_static(str(prepared), str(out), Calibration(files, pre),
+            q.quantize_static(str(prepared), str(out), reader,
                               quant_format=q.QuantFormat.QOperator,
                               per_channel=True, activation_type=q.QuantType.QUInt8, weight_type=q.QuantType.QInt8,
                               calibrate_method=calibrate, extra_options={"TensorQuantOverrides": shared})
     finally:
         prepared.unlink(missing_ok=True)
+    if len(reader.skipped) == len(files):
+        raise DataError(f"none of the {len(files)} calibration images can be read{skipped_note(reader.skipped)}")
+    return reader.skipped
 
 
 def compare(fp32: Path, int8: Path, labelled: list[tuple[Path, int]], pre: Preprocessing) -> dict:
-    """Accuracy of both models on ``labelled`` and how often they agree on the top class."""
+    """Accuracy of both models on the readable images of ``labelled`` and how often they agree on the top class."""
     from sedense.export import onnx_session
 
     sessions = [onnx_session(fp32), onnx_session(int8)]
     logits: list[list[np.ndarray]] = [[], []]
-    for batch in batches([p for p, _ in labelled], pre):
+    kept: list[int] = []
+    skipped: list[tuple[Path, str]] = []
+    for batch, positions in batches([p for p, _ in labelled], pre, skipped):
+        kept += positions
         for session, out in zip(sessions, logits):
             out.append(session.run(None, {"images": batch})[0])
+    if not kept:
+        raise DataError(f"none of the {len(labelled)} labelled images can be read{skipped_note(skipped)}")
     fp_logits, i8_logits = (np.concatenate(x) for x in logits)
     fp, i8 = fp_logits.argmax(1), i8_logits.argmax(1)
     confident = torch.from_numpy(fp_logits).float().softmax(1).max(1).values.numpy() >= CONFIDENT
-    truth = np.array([c for _, c in labelled])
+    truth = np.array([labelled[i][1] for i in kept])
     same = fp == i8
-    return {"images": len(labelled), "fp32_accuracy": round(float((fp == truth).mean()), 4),
+    return {"images": len(kept), "unreadable_images": len(skipped),
+            "fp32_accuracy": round(float((fp == truth).mean()), 4),
             "int8_accuracy": round(float((i8 == truth).mean()), 4), "agreement": round(float(same.mean()), 4),
             "confident_images": int(confident.sum()),
-            "confident_agreement": round(float(same[confident].mean()), 4) if confident.any() else 1.0}
+            "confident_agreement": round(float(same[confident].mean()), 4) if confident.any() else None,
+            "skipped": [[str(p), r] for p, r in skipped]}
 
 
 def quantized_export(fp32: Path, out: Path, checkpoint: dict, class_names: list[str], pre: Preprocessing,
                      calibration_data: Path | None, eval_data: Path | None, calibration_images: int,
-                     min_agreement: float, calibration_method: str = "percentile") -> dict:
+                     min_agreement: float, calibration_method: str = "percentile",
+                     min_overall_agreement: float = MIN_OVERALL_AGREEMENT) -> dict:
     """Quantize ``fp32`` into ``out`` and check it; returns the report, or raises when it is refused."""
     if calibration_data is None or eval_data is None:
         train, val, root = training_data(checkpoint, class_names)
-    calib = calibration_files(calibration_data) if calibration_data is not None else train
-    labelled = labelled_files(eval_data, class_names) if eval_data is not None else val
+    calib = calibration_files(calibration_data, pre) if calibration_data is not None else train
+    labelled = labelled_files(eval_data, class_names, pre) if eval_data is not None else val
     if not labelled:
         raise DataError("no labelled images to check the INT8 model on: give a folder with --eval_data")
     calib = spread(calib, calibration_images)
     start = time.perf_counter()
-    quantize_int8(fp32, out, calib, pre, calibration_method)
-    report = {"calibration_images": len(calib), "calibration_method": calibration_method,
+    unread = quantize_int8(fp32, out, calib, pre, calibration_method)
+    report = {"calibration_images": len(calib) - len(unread), "unreadable_calibration_images": len(unread),
+              "calibration_method": calibration_method,
               "calibration_data": str(calibration_data) if calibration_data else f"training images of {root}",
               "eval_data": str(eval_data) if eval_data else f"validation images of {root}",
               "quantize_seconds": round(time.perf_counter() - start, 1),
               "format": "QOperator, per-channel weights, integer graph, equalized concatenations",
               **compare(fp32, out, labelled, pre), "min_agreement": min_agreement,
+              "min_overall_agreement": min_overall_agreement,
               "fp32_bytes": fp32.stat().st_size, "int8_bytes": out.stat().st_size}
+    unread += [(Path(p), r) for p, r in report.pop("skipped")]
+    confident = report["confident_agreement"]
+    sure = (f"{confident:.2%} of the {report['confident_images']} fp32 is sure of" if confident is not None
+            else "fp32 is sure of none of them, so only the agreement over all is checked")
     print(f"INT8 check on {report['images']} labelled images: accuracy fp32 {report['fp32_accuracy']:.4f}, "
-          f"int8 {report['int8_accuracy']:.4f}; same class for {report['agreement']:.2%} of all, "
-          f"{report['confident_agreement']:.2%} of the {report['confident_images']} fp32 is sure of "
-          f"(calibrated on {len(calib)} images); {report['fp32_bytes'] / 2**20:.1f} MB -> "
-          f"{report['int8_bytes'] / 2**20:.1f} MB")
-    if report["confident_agreement"] < min_agreement:
+          f"int8 {report['int8_accuracy']:.4f}; same class for {report['agreement']:.2%} of all, {sure} "
+          f"(calibrated on {report['calibration_images']} images); {report['fp32_bytes'] / 2**20:.1f} MB -> "
+          f"{report['int8_bytes'] / 2**20:.1f} MB{skipped_note(unread)}")
+    advice = "Calibrate on more or more typical images (--calibration_data), or keep the fp32 model"
+    if confident is not None and confident < min_agreement:
         raise SedenseError(
-            f"the INT8 model changes the class of {1 - report['confident_agreement']:.1%} of the "
-            f"{report['confident_images']} images fp32 is sure of (--min_agreement {min_agreement}); nothing was "
-            "written. Calibrate on more or more typical images (--calibration_data), or keep the fp32 model")
+            f"the INT8 model changes the class of {1 - confident:.1%} of the {report['confident_images']} images "
+            f"fp32 is sure of (--min_agreement {min_agreement}); nothing was written. {advice}")
+    if report["agreement"] < min_overall_agreement:
+        raise SedenseError(
+            f"the INT8 model changes the class of {1 - report['agreement']:.1%} of all {report['images']} images "
+            f"(--min_overall_agreement {min_overall_agreement}); nothing was written. {advice}")
     return report
 
 
-def check_quantize_options(fmt: str, quantize: str | None, min_agreement: float, calibration_images: int) -> None:
+def check_quantize_options(fmt: str, quantize: str | None, min_agreement: float, calibration_images: int,
+                           min_overall_agreement: float = MIN_OVERALL_AGREEMENT) -> None:
     if quantize is None:
         return
     if fmt != "onnx":
         raise ConfigError(f"--quantize int8 needs --format onnx, not {fmt}")
-    if not 0 <= min_agreement <= 1:
-        raise ConfigError(f"--min_agreement must be from 0 to 1, got {min_agreement}")
+    for name, value in (("min_agreement", min_agreement), ("min_overall_agreement", min_overall_agreement)):
+        if not 0 <= value <= 1:
+            raise ConfigError(f"--{name} must be from 0 to 1, got {value}")
     if calibration_images < 1:
         raise ConfigError(f"--calibration_images must be at least 1, got {calibration_images}")
 
 
 def write_report(path: Path, report: dict) -> None:
-    from sedense.runs import write_file
-
     write_file(path, json.dumps(report, indent=2))

@@ -15,7 +15,7 @@ import json
 import os
 import re
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.utilities import rank_zero_only
 
 from sedense.errors import ConfigError, StorageError
+from sedense.models.pretrained import safe_load
 
 RUN_DIR = re.compile(r"version_(\d+)")
 TMP_SUFFIX = ".sedense-tmp"  # temporary files of interrupted writes end in this; cleaned at the next start
@@ -78,19 +79,22 @@ def sync_folder(folder: Path) -> None:
         os.close(fd)
 
 
-def write_file(path: Location, data: str | bytes | memoryview) -> None:
+def write_file(path: Location, data: str | bytes | memoryview | Iterable[str | bytes]) -> None:
     """Write ``data`` to ``path`` whole or not at all (see the module's docstring); parents are created.
 
-    A failure (disk full, read-only file system, no permission) raises :class:`StorageError` naming ``path``,
-    and leaves any earlier version of the file in place.
+    ``data`` may be an iterable of chunks, written as they come (a large file is never whole in memory). A
+    failure (disk full, read-only file system, no permission) raises :class:`StorageError` naming ``path``, and
+    leaves any earlier version of the file in place.
     """
-    payload = data.encode("utf-8") if isinstance(data, str) else data
+    chunks = [data] if isinstance(data, (str, bytes, bytearray, memoryview)) else data
+    payload = (c.encode("utf-8") if isinstance(c, str) else c for c in chunks)
     try:
         if is_remote(path):
             fs = get_filesystem(str(path))
             fs.makedirs(str(path).rsplit("/", 1)[0], exist_ok=True)
             with fs.open(str(path), "wb") as f:
-                f.write(payload)
+                for chunk in payload:
+                    f.write(chunk)
             return
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -99,7 +103,8 @@ def write_file(path: Location, data: str | bytes | memoryview) -> None:
         raise StorageError(path, err) from None
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(payload)
+            for chunk in payload:
+                f.write(chunk)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; a plain open() would respect the umask
@@ -196,6 +201,19 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if cached is not None:
             return cached
         return super().load_checkpoint(path, weights_only=weights_only)
+
+
+def read_checkpoint(path: Location, trusted: bool = False, option: str = "--ckpt_path") -> dict:
+    """A checkpoint, local or at a URL (fsspec), read once: plain tensors and numbers only, unless ``trusted``
+    (``--weights_only false``). Local files are memory-mapped."""
+    if is_remote(path):
+        try:
+            with get_filesystem(str(path)).open(str(path), "rb") as f:
+                data = f.read()
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"{option}: cannot read {path} ({err})") from None
+        return safe_load(io.BytesIO(data), option, trusted=trusted)
+    return safe_load(path, option, mmap=True, trusted=trusted)
 
 
 def runs_under(root_dir: Location = ".") -> list[tuple[int, Location]]:

@@ -103,6 +103,8 @@ class TimePlan:
     anchor_step: int = 0  # progress goes linearly from (anchor_step, anchor_progress) to (end_step, 1)
     anchor_progress: float = 0.0
     end_step: int | None = None
+    budget_seconds: float | None = None  # the budget the plan was made for
+    step_offset: int = 0  # the step epoch 0 would have started at with today's steps an epoch (0 unless resumed)
 
     def progress(self, step: int) -> float:
         if self.end_step is None:
@@ -146,7 +148,7 @@ class TimePlan:
         if self.max_epochs is not None and self.max_epochs > 0:
             planned = min(planned, self.max_epochs)
         now = self.progress(step)
-        end = max(planned * self.steps_per_epoch, step)
+        end = max(self.step_offset + planned * self.steps_per_epoch, step)
         if step < self.warmup_steps:  # the cosine starts after the warm-up, from 0
             self.anchor_step, self.anchor_progress = self.warmup_steps, 0.0
         else:
@@ -183,6 +185,50 @@ class TimePlan:
         self.anchor_step, self.anchor_progress = step, 1.0 if end == step else self.progress(step)
         self.end_step = end
         return True
+
+    def resume(self, step: int, epochs_done: int, steps_per_epoch: int, max_epochs: int | None, budget: float,
+               elapsed: float) -> list[str]:
+        """Plan again, when a run is resumed, from the options in force; returns what changed ([] if nothing).
+
+        - Another batch size or number of processes: the steps an epoch change, and the times measured under the
+          old ones are dropped (the next epochs are measured afresh).
+        - Another budget: the schedule is where a run planned for the new budget from the start would be, at the
+          share of it already spent (a longer budget after a finished plan raises the rate again and decays it to
+          the floor at the new end, instead of training the whole extension at the floor).
+        - Another epoch cap: the plan is capped at it; a larger one after a finished plan resumes at the share of
+          the new cap already done.
+        """
+        changed, progress = [], self.progress(step)
+        if steps_per_epoch != self.steps_per_epoch:
+            changed.append(f"{self.steps_per_epoch} -> {steps_per_epoch} steps an epoch")
+            self.steps_per_epoch = steps_per_epoch
+            self.epoch_times, self.end_times = [], []
+        if (max_epochs or None) != (self.max_epochs or None):
+            changed.append(f"trainer.max_epochs {self.max_epochs} -> {max_epochs}")
+            if progress >= 1 and max_epochs and max_epochs > epochs_done:
+                progress = epochs_done / max_epochs
+            self.max_epochs = max_epochs
+        if self.budget_seconds is not None and abs(budget - self.budget_seconds) > 0.5:
+            changed.append(f"trainer.max_time {self.budget_seconds:.0f} s -> {budget:.0f} s")
+            progress = min(max(elapsed / budget, 0.0), 1.0)
+        self.budget_seconds = budget
+        if not changed:
+            return []
+        self.step_offset = step - epochs_done * self.steps_per_epoch
+        left = max(budget - elapsed, 0.0)
+        more = max(0, math.floor(left / self.typical_epoch_time() - self.margin)) if self.epoch_times else 1
+        if more == 0 and progress < 1 and left > 0:
+            more = 1  # as in replan: the clock check brings it to the floor by the last step that fits
+        planned = epochs_done + more
+        if self.max_epochs:
+            planned = min(planned, self.max_epochs)
+        if step < self.warmup_steps:
+            self.anchor_step, self.anchor_progress = self.warmup_steps, 0.0
+        else:
+            self.anchor_step, self.anchor_progress = step, progress
+        self.end_step = max(self.step_offset + planned * self.steps_per_epoch, self.anchor_step)
+        self.planned_epochs = planned
+        return changed
 
     def state_dict(self) -> dict:
         return asdict(self)

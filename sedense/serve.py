@@ -34,7 +34,7 @@ import torch
 
 from sedense.data.images import check_image, load_image
 from sedense.errors import ConfigError, SedenseError
-from sedense.explain import grad_cam_overlays
+from sedense.explain import grad_cam_overlays, require_grad_cam
 from sedense.preprocessing import Preprocessing
 from sedense.reports import png_bytes, topk_record
 
@@ -57,15 +57,19 @@ class UploadDecoder:
 
     def __init__(self, preprocessing: Preprocessing) -> None:
         self.geometry = preprocessing.eval_geometry()
+        self.short_side = preprocessing.resize_size  # thinner images would take gigabytes to resize: refused
 
     def __call__(self, data: bytes) -> np.ndarray:
-        reason = "empty upload" if not data else check_image(io.BytesIO(data), "header")
+        reason = "empty upload" if not data else check_image(io.BytesIO(data), "header", self.short_side)
         if reason:
             raise ValueError(reason)
         try:
-            return np.asarray(self.geometry(load_image(io.BytesIO(data))), dtype=np.uint8)
+            return np.asarray(self.geometry(load_image(io.BytesIO(data), self.short_side)), dtype=np.uint8)
         except Exception as err:  # noqa: BLE001 - any decoder failure is a bad upload
             raise ValueError(f"cannot be decoded ({type(err).__name__}: {err})") from None
+
+
+STATUS_KEY = "__status"  # an answer of the model worker that is an error of its own request: its HTTP status
 
 
 class ImageUploadMiddleware:
@@ -73,11 +77,15 @@ class ImageUploadMiddleware:
 
     Accepts the image as the raw request body, as a multipart form file (``curl -F
     file=@photo.jpg``) or as JSON ``{"image": "<base64>"}``. An upload over ``max_bytes`` gets
-    413; anything that is not a readable image gets 400. ``?explain=1`` asks for the Grad-CAM heat map too.
+    413, one whose body takes longer than ``body_timeout`` seconds to arrive 408; anything that is not a
+    readable image (or a malformed form or JSON) gets 400. ``?explain=1`` asks for the Grad-CAM heat map too.
+    An answer the model worker marks as its request's own error (``STATUS_KEY``) goes out with that status:
+    the worker answers a batch at once, and one request's failure must not be the others'.
     """
 
-    def __init__(self, app, max_bytes: int, preprocessing: Preprocessing, path: str = "/predict", threads: int = 4):
-        self.app, self.max_bytes, self.path = app, max_bytes, path
+    def __init__(self, app, max_bytes: int, preprocessing: Preprocessing, path: str = "/predict", threads: int = 4,
+                 body_timeout: float = 30.0):
+        self.app, self.max_bytes, self.path, self.body_timeout = app, max_bytes, path, body_timeout
         self.decode = UploadDecoder(preprocessing)
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="sedense-decode")
         self.in_flight = 0  # requests being received, decoded, classified or answered
@@ -92,16 +100,28 @@ class ImageUploadMiddleware:
         finally:
             self.in_flight -= 1
 
+    async def _receive_body(self, receive) -> bytes | tuple[int, str]:
+        """The request body, joined once; or ``(status, error)`` when it is too large or too slow to arrive."""
+        chunks, size, more = [], 0, True
+        try:
+            async with asyncio.timeout(self.body_timeout):
+                while more:
+                    message = await receive()
+                    chunk = message.get("body", b"")
+                    chunks.append(chunk)
+                    size += len(chunk)
+                    more = message.get("more_body", False)
+                    if size > self.max_bytes:
+                        return 413, f"upload larger than the {self.max_bytes / 2**20:g} MB limit"
+        except TimeoutError:
+            return 408, f"the upload took longer than {self.body_timeout:g} s to arrive; send it again"
+        return b"".join(chunks)
+
     async def _predict(self, scope, receive, send) -> None:
-        body, more = b"", True
-        while more:
-            message = await receive()
-            body += message.get("body", b"")
-            more = message.get("more_body", False)
-            if len(body) > self.max_bytes:
-                limit = f"{self.max_bytes / 2**20:g} MB"
-                await JSONResponse({"error": f"upload larger than the {limit} limit"}, 413)(scope, receive, send)
-                return
+        body = await self._receive_body(receive)
+        if isinstance(body, tuple):
+            await JSONResponse({"error": body[1]}, body[0])(scope, receive, send)
+            return
         try:
             image = await self._image_bytes(scope, body)
             pixels = await asyncio.get_running_loop().run_in_executor(self.pool, self.decode, image)
@@ -123,7 +143,37 @@ class ImageUploadMiddleware:
             sent = True
             return {"type": "http.request", "body": payload, "more_body": False}
 
-        await self.app({**scope, "headers": headers}, replay, send)
+        await self.app({**scope, "headers": headers}, replay, self._with_status(send))
+
+    @staticmethod
+    def _with_status(send):
+        """``send``, with an answer that carries ``STATUS_KEY`` sent under that status (and without the key)."""
+        start = None
+
+        async def send_with_status(message) -> None:
+            nonlocal start
+            if message["type"] == "http.response.start":
+                start = message  # held until the body says whether it is an error
+                return
+            if message["type"] == "http.response.body" and start is not None:
+                held, start = start, None
+                body = message.get("body", b"")
+                if not message.get("more_body") and STATUS_KEY.encode() in body:
+                    try:
+                        answer = json.loads(body)
+                        status = int(answer.pop(STATUS_KEY))
+                    except (ValueError, TypeError, KeyError, AttributeError):
+                        answer, status = None, None
+                    if answer is not None:
+                        body = json.dumps(answer).encode()
+                        headers = [(k, v) for k, v in held["headers"] if k.lower() != b"content-length"]
+                        held = {**held, "status": status, "headers": [*headers, (b"content-length",
+                                                                                   str(len(body)).encode())]}
+                        message = {**message, "body": body}
+                await send(held)
+            await send(message)
+
+        return send_with_status
 
     @staticmethod
     async def _image_bytes(scope, body: bytes) -> bytes:
@@ -132,7 +182,11 @@ class ImageUploadMiddleware:
             async def once():
                 return {"type": "http.request", "body": body, "more_body": False}
 
-            form = await Request(scope, once).form()
+            try:
+                form = await Request(scope, once).form()
+            except Exception as err:  # noqa: BLE001 - a malformed form (no boundary, cut off) is the client's error
+                raise ValueError(f"a malformed multipart form ({type(err).__name__}: {err}); "
+                                 "send the file as -F file=@photo.jpg") from None
             files = [v for v in form.values() if hasattr(v, "read")]
             if not files:
                 raise ValueError("the multipart form has no file; send it as -F file=@photo.jpg")
@@ -140,7 +194,7 @@ class ImageUploadMiddleware:
         if content_type.startswith("application/json"):
             try:
                 return base64.b64decode(json.loads(body)["image"], validate=True)
-            except (ValueError, KeyError, TypeError, binascii.Error):
+            except (ValueError, KeyError, TypeError, binascii.Error, RecursionError):
                 raise ValueError('JSON uploads need {"image": "<base64 of the file>"}') from None
         return body
 
@@ -148,17 +202,21 @@ class ImageUploadMiddleware:
 NO_HEATMAP = "unavailable"
 
 
+class ExplainFailed(str):
+    """Why the heat map of one request could not be made (that request alone answers with an error)."""
+
+
 def inference_model(path: str | Path, trusted: bool = False):
-    """The classifier and its preprocessing from a sedense checkpoint, or from an exported ``.onnx`` file (run by
-    ONNX Runtime, with the classes and preprocessing written beside it)."""
+    """The classifier and its preprocessing from a sedense checkpoint (a local file or a URL), or from an exported
+    ``.onnx`` or TorchScript file (with the classes and preprocessing written beside it)."""
+    from sedense.export import is_exported, load_exported, use_exported
     from sedense.module import ImageClassifier
 
-    if str(path).endswith(".onnx"):
-        from sedense.export import load_exported, use_onnx
-
+    if is_exported(path):
         class_names, preprocessing = load_exported(path)
-        model = use_onnx(ImageClassifier(class_names=class_names, arch="se_densenet_bc100", block_config=[1, 1],
-                                         growth_rate=4, num_init_features=4), path)  # the network is replaced
+        holder = ImageClassifier(class_names=class_names, arch="se_densenet_bc100", block_config=[1, 1],
+                                 growth_rate=4, num_init_features=4)
+        model = use_exported(holder, path)  # the network is replaced
         return model.eval(), preprocessing
     return ImageClassifier.for_inference(path, trusted=trusted)
 
@@ -168,8 +226,9 @@ class PageMiddleware:
 
     def __init__(self, app, config: dict) -> None:
         page = (Path(__file__).parent / "web" / "index.html").read_text(encoding="utf-8")
-        # The settings the page needs, as JSON inside its <script type="application/json"> ("</" escaped).
-        self.page = page.replace("__CONFIG__", json.dumps(config, ensure_ascii=False).replace("</", "<\\/"))
+        # The settings the page needs, as JSON inside its <script type="application/json">: every "<" escaped, so
+        # that no class name can close the element or open a comment ("<!--<script" changes how it is parsed).
+        self.page = page.replace("__CONFIG__", json.dumps(config, ensure_ascii=False).replace("<", "\\u003c"))
         self.app = app
 
     async def __call__(self, scope, receive, send) -> None:
@@ -228,13 +287,18 @@ class ClassifierAPI(ls.LitAPI if ls is not None else object):
         flags = [inputs["explain"]] if single else inputs["explain"]
         with torch.inference_mode():
             probs = self.model.eval_log_probs(x).exp().cpu()
-        heatmaps = [None] * len(flags)
+        heatmaps: list = [None] * len(flags)
         asked = [i for i, flag in enumerate(flags) if flag]
         if asked and not self.explainable:
             heatmaps = [NO_HEATMAP if flag else None for flag in flags]
         elif asked:
-            for i, overlay in zip(asked, grad_cam_overlays(self.model.net, x[asked], self.preprocessing)):
-                heatmaps[i] = "data:image/png;base64," + base64.b64encode(png_bytes(overlay)).decode("ascii")
+            try:
+                overlays = grad_cam_overlays(self.model.net, x[asked], self.preprocessing)
+                for i, overlay in zip(asked, overlays):
+                    heatmaps[i] = "data:image/png;base64," + base64.b64encode(png_bytes(overlay)).decode("ascii")
+            except Exception as err:  # noqa: BLE001 - the requests that asked for a heat map fail, not the batch
+                for i in asked:
+                    heatmaps[i] = ExplainFailed(str(err))
         outputs = [{"probs": p, "heatmap": h} for p, h in zip(probs, heatmaps)]
         return outputs[0] if single else outputs
 
@@ -242,12 +306,25 @@ class ClassifierAPI(ls.LitAPI if ls is not None else object):
         return output
 
     def encode_response(self, output: dict) -> dict:
+        if isinstance(output["heatmap"], ExplainFailed):
+            return {"error": f"the heat map cannot be made: {output['heatmap']}", STATUS_KEY: 501}
         record = topk_record(output["probs"], self.model.class_names, self.top_k)
         if output["heatmap"] == NO_HEATMAP:
             record["heatmap_error"] = "Grad-CAM needs the model's .ckpt file; this service runs an exported model"
         elif output["heatmap"] is not None:
             record["heatmap"] = output["heatmap"]
         return record
+
+
+def can_explain(model) -> bool:
+    """Whether the service can draw heat maps: a checkpoint's network (not an export), and Grad-CAM installed."""
+    if not isinstance(getattr(model.net, "features", None), torch.nn.Sequential):
+        return False
+    try:
+        require_grad_cam()
+    except SedenseError:
+        return False
+    return True
 
 
 def wait_until_healthy(url: str, timeout: float = 180.0) -> bool:
@@ -271,13 +348,14 @@ def wait_until_healthy(url: str, timeout: float = 180.0) -> bool:
 def build_server(ckpt_path: Path, preprocessing: Preprocessing, top_k: int = 5, max_batch_size: int = 8,
                  batch_timeout: float = 0.05, max_upload_mb: float = 10.0, accelerator: str = "auto",
                  workers_per_device: int = 1, trusted: bool = False, class_names: list[str] | None = None,
-                 threshold: float = 0.5):
+                 threshold: float = 0.5, explainable: bool = False, body_timeout: float = 30.0):
     """A LitServer for the classifier in ``ckpt_path`` (GET / the page, POST /predict, GET /health)."""
     require_litserve()
     api = ClassifierAPI(ckpt_path, top_k, max_batch_size, batch_timeout, trusted, workers_per_device)
-    upload_options = {"max_bytes": int(max_upload_mb * 2**20), "preprocessing": preprocessing}
+    upload_options = {"max_bytes": int(max_upload_mb * 2**20), "preprocessing": preprocessing,
+                      "body_timeout": body_timeout}
     page = {"classes": list(class_names or []), "threshold": threshold, "max_upload_mb": max_upload_mb,
-            "max_upload_bytes": int(max_upload_mb * 2**20), "predict": "/predict"}
+            "max_upload_bytes": int(max_upload_mb * 2**20), "predict": "/predict", "explain": explainable}
     return ls.LitServer(
         api,
         accelerator=accelerator,
@@ -298,6 +376,7 @@ def check_options(args: argparse.Namespace) -> None:
         ("workers_per_device", args.workers_per_device >= 1, "at least 1"),
         ("port", 0 < args.port < 65536, "a port number from 1 to 65535"),
         ("threshold", 0 <= args.threshold <= 1, "a probability from 0 to 1"),
+        ("body_timeout", args.body_timeout > 0, "more than 0 seconds"),
     ):
         if not ok:
             raise ConfigError(f"--{name} must be {need}, got {getattr(args, name)}")
@@ -323,6 +402,8 @@ def serve_command(argv: list[str]) -> None:
     parser.add_argument("--threshold", type=float, default=0.5,
                         help="the page says 'not sure' below this confidence (default 0.5)")
     parser.add_argument("--workers_per_device", type=int, default=1, help="model copies per device")
+    parser.add_argument("--body_timeout", type=float, default=30.0,
+                        help="an upload must arrive within this many seconds (slower ones get 408)")
     parser.add_argument("--weights_only", type=lambda v: v.lower() not in ("false", "0", "no"), default=True,
                         help="false: trust a checkpoint that holds pickled objects (only one you made yourself)")
     args = parser.parse_args(argv)
@@ -334,7 +415,7 @@ def serve_command(argv: list[str]) -> None:
     model, preprocessing = inference_model(ckpt, trusted=not args.weights_only)  # fail here, in one line
     server = build_server(ckpt, preprocessing, args.top_k, args.max_batch_size, args.batch_timeout,
                           args.max_upload_mb, args.accelerator, args.workers_per_device, not args.weights_only,
-                          model.class_names, args.threshold)
+                          model.class_names, args.threshold, can_explain(model), args.body_timeout)
     del model
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"Warning: listening on {args.host}: anyone who can reach this machine can use the service and the "

@@ -227,13 +227,25 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def serving(cwd: Path, *args: str):
+def read_only(folder: Path):
+    """A folder nobody may write in: chmod for a user, the immutable attribute for root (who ignores modes)."""
+    root = os.geteuid() == 0
+    subprocess.run(["chattr", "+i", str(folder)], check=True) if root else folder.chmod(0o555)
+    try:
+        yield
+    finally:
+        subprocess.run(["chattr", "-i", str(folder)], check=True) if root else folder.chmod(0o755)
+
+
+@contextlib.contextmanager
+def serving(cwd: Path, *args: str, env: dict | None = None):
     """``sedense serve *args`` in a real process on a free port, until the block ends; yields its URL."""
     from sedense.serve import wait_until_healthy
 
     port = free_port()
     command = [sys.executable, "-m", "sedense", "serve", *args, "--port", str(port), "--accelerator", "cpu"]
-    proc = subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+                            env={**os.environ, **(env or {})})
     url = f"http://127.0.0.1:{port}"
     try:
         if not wait_until_healthy(url):

@@ -216,7 +216,9 @@ def test_int8_export_is_checked_against_fp32_and_predicts(trained, tmp_path, mon
     assert len(copied) == 8 and requantized == []  # 4 concatenations of 2 inputs
     report = json.loads((out / "quantization.json").read_text())
     assert report["calibration_images"] == 18 and report["images"] == 6  # the run's own training / validation split
-    assert report["confident_agreement"] >= 0.99 and "INT8 check on 6 labelled images" in proc.stdout
+    # A tiny model may be sure of none of 6 images: then the agreement over all of them decides.
+    assert report["confident_agreement"] is None or report["confident_agreement"] >= 0.99
+    assert report["agreement"] >= 0.95 and "INT8 check on 6 labelled images" in proc.stdout
     split = {r["path"]: r["class"] for r in rows(trained / "lightning_logs" / "version_0" / "split.csv")
              if r["subset"] == "val"}
     answers = {}

@@ -8,7 +8,6 @@ run files written where nobody asked.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import resource
@@ -33,6 +32,7 @@ from conftest import (
     newest_run,
     read_csv,
     read_matrix,
+    read_only,
     run_cli,
     run_sedense,
     sedense_env,
@@ -272,17 +272,6 @@ def test_a_full_disk_ends_in_one_line_and_keeps_what_was_written(tmp_path):
     run = tmp_path / "lightning_logs" / "version_0"
     assert json.loads((run / "class_indices.json").read_text()) == {"0": "cardboard", "1": "glass"}
     assert not [p for p in run.rglob("*") if p.name.endswith(".sedense-tmp")]
-
-
-@contextlib.contextmanager
-def read_only(folder: Path):
-    """A folder nobody may write in: chmod for a user, the immutable attribute for root (who ignores modes)."""
-    root = os.geteuid() == 0
-    subprocess.run(["chattr", "+i", str(folder)], check=True) if root else folder.chmod(0o555)
-    try:
-        yield
-    finally:
-        subprocess.run(["chattr", "-i", str(folder)], check=True) if root else folder.chmod(0o755)
 
 
 def test_a_folder_without_write_permission_ends_in_one_line(trained_run, tmp_path):

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import os
+import textwrap
 from pathlib import Path
 from typing import Literal
 
@@ -27,6 +29,38 @@ from sedense.errors import ConfigError
 from sedense.explain import grad_cam_overlays, require_grad_cam
 from sedense.runs import is_remote, join, remove_stale_temporaries, run_dir, say, write_file, write_file_list
 
+
+def drop_partial_line(path: Path, block: int = 4096) -> None:
+    """Cut a journal back to its last whole line: a write cut off by a full disk or a kill leaves part of a row,
+    and the next row appended to it would make both unreadable. Reads the file's tail only."""
+    try:
+        f = open(path, "r+b")  # noqa: SIM115 - closed below; a missing file has nothing to cut
+    except FileNotFoundError:
+        return
+    with f:
+        end = f.seek(0, os.SEEK_END)
+        position = end
+        while position > 0:
+            start = max(0, position - block)
+            f.seek(start)
+            tail = f.read(position - start)
+            cut = tail.rfind(b"\n")
+            if cut >= 0:
+                if start + cut + 1 != end:
+                    f.truncate(start + cut + 1)
+                return
+            position = start
+        f.truncate(0)
+
+
+def input_stamp(path) -> list[int] | None:
+    """An input's size and modification time: a row predicted from another version of the file is not reused."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return [stat.st_size, stat.st_mtime_ns]
+
 STATE_FILE = "predict_state.json"  # what this prediction is (to continue it), and whether it finished
 JOURNAL = "predictions.partial"  # one `<JOURNAL>.<rank>.jsonl` per process, a line per image, while predicting
 
@@ -40,8 +74,11 @@ class PredictionWriter(BasePredictionWriter):
 
     Rows reach the disk as batches finish (``predictions.partial.<process>.jsonl``, flushed and synced
     batch by batch): a crash or Ctrl-C keeps every finished batch, and running the same command again
-    continues where it stopped, predicting only the images not yet done. The final files are written
-    whole or not at all, once every image is done. Under several processes each writes its own partial
+    continues where it stopped, predicting only the images not yet done. Each row carries what made it (a
+    digest of the command: model file, preprocessing, TTA, these options) and its input's size and
+    modification time: rows of another command, or of a photo replaced since, are predicted again. The
+    final files are written whole or not at all, once every image is done, also when a run stopped after
+    its last batch (the rerun then only writes them). Under several processes each writes its own partial
     file and rank 0 gathers the rows.
 
     Args:
@@ -81,10 +118,21 @@ class PredictionWriter(BasePredictionWriter):
     def _reset(self) -> None:
         self.folder = None
         self.files: list[Path] = []
-        self.previous: dict[str, str] = {}  # path -> journal line, from an interrupted run of the same prediction
-        self.lines: list[str] = []  # this session's rows, as journal lines
+        self.previous: set[str] = set()  # inputs an interrupted run of the same prediction predicted
+        self.lines: list[str] = []  # this session's rows, where no journal keeps them (several processes, remote)
+        self.predicted = 0  # this session's rows
         self.failed: list[str] = []
+        self.finished = False
         self._journal = None
+
+    def identity(self, pl_module: L.LightningModule) -> str:
+        """A digest of what this prediction is (the command line's manifest, or the model's classes and options)."""
+        what = self.manifest if self.manifest is not None else {
+            "classes": list(pl_module.class_names), "tta": bool(pl_module.hparams.get("tta"))}
+        options = {"top_k": self.top_k, "annotate": self.annotate, "sort_into": str(self.sort_into),
+                   "sort_mode": self.sort_mode, "threshold": self.threshold, "explain": self.explain}
+        text = json.dumps({"what": what, "writer": options}, sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     # ----------------------------------------------------------------------------- start
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -94,19 +142,24 @@ class PredictionWriter(BasePredictionWriter):
         data = trainer.datamodule
         self.files = list(data.predict_files)
         self.root = Path(str(data.predict_root)) if data.predict_root else None
-        names = output_names(self.files, self.root)
-        self.names = {str(p): n for p, n in zip(self.files, names)}
-        self.annotated = dict(zip(self.names, with_suffix_unique(names, annotated_suffix)))
-        self.explained = dict(zip(self.names, with_suffix_unique(names, lambda n: ".png")))
-        self.inputs = {file_id(p) for p in self.files}
+        self.run_id = self.identity(pl_module)
+        if self.annotate or self.explain or self.sort_into is not None:  # names of the files made from the inputs
+            names = output_names(self.files, self.root)
+            self.names = {str(p): n for p, n in zip(self.files, names)}
+            self.annotated = dict(zip(self.names, with_suffix_unique(names, annotated_suffix)))
+            self.explained = dict(zip(self.names, with_suffix_unique(names, lambda n: ".png")))
+        self.inputs = {file_id(p) for p in self.files} if self.sort_into is not None else set()
         self.folder = trainer.strategy.broadcast(str(run_dir(trainer)) if trainer.is_global_zero else None)
         if trainer.is_global_zero:
-            self.previous = self._read_journals()
+            self.previous = set(self._read_journals())
             if self.manifest is not None:
                 write_file(join(self.folder, STATE_FILE), json.dumps({"manifest": self.manifest, "complete": False}))
-        done = trainer.strategy.broadcast(set(self.previous) if trainer.is_global_zero else None)
+        done = trainer.strategy.broadcast(self.previous if trainer.is_global_zero else None)
         skipped = data.skip_predicted(done) if done and hasattr(data, "skip_predicted") else 0
-        if skipped:
+        if skipped == len(self.files):
+            say(f"Continuing the interrupted prediction in {self.folder}: all {skipped} images were predicted before "
+                "it stopped; writing the final files")
+        elif skipped:
             say(f"Continuing the interrupted prediction in {self.folder}: {skipped} of {len(self.files)} images were "
                 f"predicted before it stopped; predicting the other {len(self.files) - skipped}")
         if self.sort_into is not None and trainer.is_global_zero:
@@ -114,23 +167,35 @@ class PredictionWriter(BasePredictionWriter):
                 remove_stale_temporaries(dirpath)
         if not is_remote(self.folder):
             path = Path(self.folder) / f"{JOURNAL}.{trainer.global_rank}.jsonl"
+            drop_partial_line(path)
             self._journal = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed at the epoch's end
         if self.explain:
             if not isinstance(getattr(pl_module.net, "features", None), torch.nn.Sequential):
                 raise ConfigError("predict_writer.explain needs a sedense checkpoint (.ckpt), not an exported model")
             require_grad_cam()
+        if skipped == len(self.files):
+            # Nothing left to predict: Lightning runs no prediction loop, so its end is reached here.
+            self._finish(trainer, pl_module)
+
+    def _keeps_journal(self, trainer: L.Trainer) -> bool:
+        """Whether the rows are read back from this process's journal at the end instead of kept in memory."""
+        return self._journal is not None and trainer.world_size == 1
 
     def _read_journals(self) -> dict[str, str]:
-        """Rows an interrupted run of this prediction wrote, by path (a cut-off last line is ignored)."""
+        """Rows of this prediction in the run folder's journals, by path: of this same command, and of inputs
+        unchanged since (a cut-off last line, rows of another command and rows of a replaced photo are left out)."""
         rows: dict[str, str] = {}
         if is_remote(self.folder):
             return rows
         for path in sorted(Path(self.folder).glob(f"{JOURNAL}.*.jsonl")):
-            for line in path.read_text(encoding="utf-8").splitlines():
-                try:
-                    rows[json.loads(line)["path"]] = line
-                except (ValueError, KeyError, TypeError):
-                    continue
+            with open(path, encoding="utf-8") as f:
+                for line in f:
+                    try:
+                        record = json.loads(line)
+                        if record["run"] == self.run_id and record["input"] == input_stamp(record["path"]):
+                            rows[record["path"]] = line.rstrip("\n")
+                    except (ValueError, KeyError, TypeError):
+                        continue
         return rows
 
     # ----------------------------------------------------------------------------- each batch
@@ -149,11 +214,13 @@ class PredictionWriter(BasePredictionWriter):
                 continue
             record = {"path": str(path), **reports.topk_record(prediction[row], names, self.top_k)}
             keep.append(row)
-            lines.append(json.dumps(record, ensure_ascii=False))
+            lines.append(json.dumps({**record, "run": self.run_id, "input": input_stamp(path)}, ensure_ascii=False))
             self._make_copies(path, record)
         if self.explain and keep:
             self._explain(trainer, pl_module, batch[0][keep], [dataset.path(indices[r]) for r in keep])
-        self.lines += lines
+        self.predicted += len(lines)
+        if not self._keeps_journal(trainer):
+            self.lines += lines
         if self._journal is not None and lines:  # the batch is on disk before the next one starts
             self._journal.write("".join(line + "\n" for line in lines))
             self._journal.flush()
@@ -184,36 +251,32 @@ class PredictionWriter(BasePredictionWriter):
         return lines, failed
 
     def on_predict_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self.finished:
+            self._finish(trainer, pl_module)
+
+    def _finish(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Write the final files from every row of this prediction (journals, and rows gathered from processes)."""
+        self.finished = True
         lines, failed = self._gather(trainer)  # a collective: every process takes part
         if self._journal is not None:
             self._journal.close()
             self._journal = None
         if not trainer.is_global_zero:
             return
-        rows = dict(self.previous)
+        rows = self._read_journals()  # the earlier runs' rows and, with one process, this run's
         rows.update((json.loads(line)["path"], line) for line in lines)
         folder, k = self.folder, min(self.top_k, len(pl_module.class_names))
-        table, records = io.StringIO(), []
-        writer = csv.writer(table, lineterminator="\n")
-        writer.writerow(["path", "class", "confidence", f"top{k}"])
-        for path in self.files:  # input order; each input once
-            line = rows.get(str(path))
-            if line is None:
-                continue
-            r = json.loads(line)
-            records.append(r)
-            top = json.dumps({t["class"]: round(t["probability"], 4) for t in r["top_k"]}, ensure_ascii=False)
-            writer.writerow([r["path"], r["class"], f"{r['confidence']:.6f}", top])
+        count = sum(str(path) in rows for path in self.files)
         errors = list(trainer.datamodule.predict_errors) + [(p, "cannot be decoded") for p in sorted(set(failed))]
         written = [join(folder, "predictions.csv"), join(folder, "predictions.json")]
-        write_file(written[0], table.getvalue())
-        reports.write_json(written[1], records)
+        write_file(written[0], self._csv_chunks(rows, k))
+        write_file(written[1], self._json_chunks(rows))
         if errors:
             written.append(join(folder, "predict_errors.csv"))
             write_file_list(written[-1], errors)
         if self.manifest is not None:
             write_file(join(folder, STATE_FILE), json.dumps({"manifest": self.manifest, "complete": True,
-                                                             "images": len(records)}))
+                                                             "images": count}))
         if not is_remote(folder):
             for path in Path(folder).glob(f"{JOURNAL}.*.jsonl"):
                 path.unlink()
@@ -221,14 +284,40 @@ class PredictionWriter(BasePredictionWriter):
         written += [self.sort_into] if self.sort_into is not None else []
         listed = join(folder, "predict_errors.csv")
         skipped = f"; skipped {len(errors)} unreadable file(s), listed in {listed}" if errors else ""
-        print(f"Predicted {len(records)} images{skipped}")
+        print(f"Predicted {count} image{'' if count == 1 else 's'}{skipped}")
         print("Wrote " + ", ".join(str(p) for p in written))
+
+    def _records(self, rows: dict[str, str]):
+        """The final records in input order, each input once, without the journal's own keys."""
+        for path in self.files:
+            line = rows.get(str(path))
+            if line is not None:
+                record = json.loads(line)
+                record.pop("run", None)
+                record.pop("input", None)
+                yield record
+
+    def _csv_chunks(self, rows: dict[str, str], k: int):
+        yield f"path,class,confidence,top{k}\n"
+        for r in self._records(rows):
+            line = io.StringIO()
+            top = json.dumps({t["class"]: round(t["probability"], 4) for t in r["top_k"]}, ensure_ascii=False)
+            csv.writer(line, lineterminator="\n").writerow([r["path"], r["class"], f"{r['confidence']:.6f}", top])
+            yield line.getvalue()
+
+    def _json_chunks(self, rows: dict[str, str]):
+        """``predictions.json``, a record at a time (a million rows are never one string in memory)."""
+        first = True
+        for record in self._records(rows):
+            yield ("[\n" if first else ",\n") + textwrap.indent(json.dumps(record, indent=2, ensure_ascii=False), "  ")
+            first = False
+        yield "[]\n" if first else "\n]\n"
 
     def describe_interruption(self) -> str | None:
         """What an interruption leaves: the finished batches, and how to go on."""
         if self.folder is None:
             return None
-        done = len(self.previous) + len(self.lines)
+        done = len(self.previous) + self.predicted
         return (f"{done} of {len(self.files)} images are predicted and kept in {self.folder}; "
                 "run the same command again to predict the rest")
 

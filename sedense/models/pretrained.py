@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import pickle
 import re
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -79,8 +80,23 @@ def load_official_state_dict(arch: str) -> dict[str, torch.Tensor]:
         ) from None
 
 
+def is_torchscript(path) -> bool:
+    """Whether ``path`` (a local file) is a TorchScript archive (``torch.jit.save``), not a checkpoint."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(name.endswith("/constants.pkl") or "/code/" in name for name in archive.namelist())
+    except (OSError, zipfile.BadZipFile, TypeError, ValueError):
+        return False
+
+
 def safe_load(path: str | Path, option: str, mmap: bool = False, trusted: bool = False):
     """``torch.load`` without unpickling objects (unless ``trusted``); failures are one line naming ``option``."""
+    if isinstance(path, (str, Path)) and is_torchscript(path):
+        raise ConfigError(
+            f"{option}: {path} is a TorchScript export, not a checkpoint: `sedense predict` and `sedense serve` run "
+            "it (with the class_indices.json and preprocessing.json beside it), other programs load it with "
+            "torch.jit.load; for this command give the .ckpt it was exported from"
+        )
     try:
         return torch.load(path, map_location="cpu", weights_only=not trusted, mmap=mmap)
     except FileNotFoundError:
