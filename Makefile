@@ -28,11 +28,11 @@ test: install
 	$(BIN)/python -m pytest -q -n auto --dist loadgroup
 
 $(DIGITS):
-	$(BIN)/sedense digits $(DIGITS) --test-out $(DIGITS)-test
+	$(BIN)/sedense digits $(DIGITS) --test_out $(DIGITS)-test
 
 demo: install $(DIGITS)
 	$(BIN)/sedense fit --config configs/digits.yaml
-	$(BIN)/sedense test --config configs/digits.yaml --ckpt_path best
+	$(BIN)/sedense test --config configs/digits.yaml --ckpt_path best --data.test_root $(DIGITS)-test
 	$(BIN)/sedense predict --ckpt_path best --data.predict_root $(DIGITS)-test
 
 clean-demo:

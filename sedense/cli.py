@@ -7,6 +7,8 @@ import inspect
 import json
 import logging
 import os
+import re
+import shutil
 import sys
 import threading
 import warnings
@@ -21,7 +23,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_only
 
 from sedense.callbacks import FreezeBackbone, PredictionWriter, ReportWriter
-from sedense.callbacks.prediction import STATE_FILE
+from sedense.callbacks.prediction import JOURNAL, STATE_FILE
 from sedense.callbacks.runfiles import RunFiles
 from sedense.data.datamodule import ImageFolderDataModule, dataset_classes
 from sedense.data.streaming import optimize_command
@@ -31,6 +33,7 @@ from sedense.models.pretrained import official_weights
 from sedense.module import ImageClassifier
 from sedense.preprocessing import Preprocessing
 from sedense.runs import (
+    RUN_DIR,
     AtomicCheckpointIO,
     is_remote,
     join,
@@ -64,19 +67,50 @@ class _DropTips(logging.Filter):
         return not str(record.msg).startswith("💡 Tip")
 
 
+# What every run writes as it starts; a run folder holding nothing else did nothing worth keeping.
+STARTUP_FILES = re.compile(r"events\.out\.tfevents\..*|config\.yaml|hparams\.yaml|class_indices\.json|split\.csv|"
+                           r"skipped_files\.csv|predict_state\.json")
+
+
 class RunGuard(L.Callback):
-    """What the command's last line needs after a failure: where the run writes, and what a Ctrl-C left behind."""
+    """What the command's last line needs after a failure: where the run writes, and what a Ctrl-C left behind.
+
+    A command that fails before doing anything (an option refused when the data or the weights are loaded) leaves
+    no run folder behind: an empty run would otherwise be the newest one, for ``--ckpt_path best`` to trip on.
+    """
 
     def __init__(self) -> None:
         self.folder = None  # the run directory, to name when a library's write error carries no file name
         self.interrupted = False
         self.note: str | None = None
+        self.started = False  # whether a batch of any stage ran
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if trainer.is_global_zero:
             self.folder = run_dir(trainer)
 
+    def _started(self, *args) -> None:
+        self.started = True
+
+    on_train_batch_start = on_validation_batch_start = on_test_batch_start = on_predict_batch_start = _started
+
+    def remove_if_unused(self) -> None:
+        """After a failure before any batch: delete the run folder (``…/version_N`` only) if it holds only what
+        every run writes as it starts."""
+        folder = self.folder
+        if self.started or folder is None or is_remote(folder) or not RUN_DIR.fullmatch(Path(folder).name):
+            return
+        for path in Path(folder).rglob("*"):
+            startup = path.parent == Path(folder) and STARTUP_FILES.fullmatch(path.name)
+            empty_journal = path.name.startswith(JOURNAL) and path.stat().st_size == 0
+            if not (path.is_dir() or startup or empty_journal):
+                return
+        shutil.rmtree(folder, ignore_errors=True)
+
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if trainer.is_global_zero and self.folder is None:  # a failure before the callbacks' setup
+            log_dir = getattr(trainer.logger, "log_dir", None)
+            self.folder = Path(log_dir) if log_dir and not is_remote(log_dir) and Path(log_dir).is_dir() else None
         if not isinstance(exception, KeyboardInterrupt):
             return
         self.interrupted = True
@@ -329,7 +363,8 @@ def digits_command(argv: list[str]) -> None:
         description="Write scikit-learn's handwritten digits as an image folder (one sub-folder per digit).",
     )
     parser.add_argument("out", nargs="?", default="data/digits", help="folder for the labelled images")
-    parser.add_argument("--test-out", default="data/digits-test", help="folder for the held-out test images")
+    parser.add_argument("--test_out", "--test-out", dest="test_out", default="data/digits-test",
+                        help="folder for the held-out test images")
     parser.add_argument("--holdout", type=float, default=0.1, help="fraction of each digit held out for testing")
     parser.add_argument("--size", type=int, default=32, help="side of the written images, in pixels")
     parser.add_argument("--seed", type=int, default=0, help="seed of the hold-out split")
@@ -355,6 +390,8 @@ def cli_main(args: list[str] | None = None, run: bool = True, guard: RunGuard | 
     """
     warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=r".*The dirpath has changed from.*")
+    # Every resumed run writes into its own checkpoints folder, which is not empty by design.
+    warnings.filterwarnings("ignore", message=r".*Checkpoint directory .* exists and is not empty.*")
     warnings.filterwarnings("ignore", message=r".*LeafSpec.*is deprecated.*")
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropTips())
     return SedenseCLI(
@@ -390,23 +427,29 @@ def main(args: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if args is None else args)
     guard = RunGuard()
     threading.excepthook = _thread_errors
+    done = False
     try:
         if argv and argv[0] in COMMANDS:
             COMMANDS[argv[0]](argv[1:])
         else:
             cli_main(args, guard=guard)
+        done = True
     except SedenseError as err:
         _stop(f"error: {err}", err.exit_code)
     except KeyboardInterrupt:
         _stop("interrupted" + (f"; {guard.note}" if guard.note else ""), 130)
     except SystemExit as exit_:
-        if guard.interrupted and exit_.code not in (0, None):  # Lightning ends an interrupted run with exit(1)
+        done = exit_.code in (0, None)
+        if guard.interrupted and not done:  # Lightning ends an interrupted run with exit(1)
             _stop("interrupted" + (f"; {guard.note}" if guard.note else ""), 130)
         raise
     except OSError as err:
         if err.errno in STORAGE_ERRNOS:  # raised by a library (TensorBoard, fsspec) rather than through write_file
             _stop(f"error: {StorageError(err.filename or guard.folder or os.getcwd(), err)}", 1)
         raise
+    finally:
+        if not done:
+            guard.remove_if_unused()
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import numpy as np
 from sedense.runs import Location, write_file
 
 MEAN_KEYS = ("mean precision", "mean recall", "mean specificity", "mean f1 score")
-SUMMARY_KEYS = ("accuracy", *MEAN_KEYS)
+SUMMARY_KEYS = ("accuracy", *MEAN_KEYS, "absent classes")
 CLASS_PREFIX = "class:"
 
 
@@ -36,7 +36,9 @@ def class_metrics(matrix: np.ndarray | Sequence, class_names: Sequence[str]) -> 
 
     ``matrix[i, j]`` counts images of true class ``i`` predicted as ``j``. The result has the
     source's shape: ``{"accuracy": .., "<class>": {"Precision": .., ...}, "mean precision": ..}``, each class
-    under :func:`class_key` of its name.
+    under :func:`class_key` of its name. The means are over the classes the images hold: a class with no image
+    (a test folder with some of the model's classes) is listed, with its scores of 0, but not averaged in, as
+    scikit-learn does given the present labels; ``"absent classes"`` then names it.
     """
     cm = np.asarray(matrix, dtype=np.float64)
     tp = np.diag(cm)
@@ -53,8 +55,13 @@ def class_metrics(matrix: np.ndarray | Sequence, class_names: Sequence[str]) -> 
             "Specificity": float(specificity[i]),
             "F1 score": float(f1[i]),
         }
+    present = cm.sum(1) > 0
+    if not present.any():  # no image at all: nothing to leave out
+        present[:] = True
     for key, values in zip(MEAN_KEYS, (precision, recall, specificity, f1)):
-        out[key] = float(values.mean())
+        out[key] = float(values[present].mean())
+    if not present.all():
+        out["absent classes"] = [name for name, here in zip(class_names, present) if not here]
     return out
 
 
@@ -86,6 +93,10 @@ def format_report(metrics: dict, class_names: Sequence[str], support: Sequence[i
         f"{'macro avg':>{width}}  {metrics['mean precision']:9.4f}  {metrics['mean recall']:9.4f}"
         f"  {metrics['mean specificity']:11.4f}  {metrics['mean f1 score']:9.4f}  {total:9d}",
     ]
+    absent = metrics.get("absent classes")
+    if absent:
+        present = len(class_names) - len(absent)
+        lines.append(f"(macro avg over the {present} classes with images; no image of {', '.join(absent)})")
     return "\n".join(lines)
 
 

@@ -290,33 +290,45 @@ def best_checkpoint(ckpt_dir: Location) -> tuple[Location, dict]:
     )
 
 
+def has_checkpoint(ckpt_dir: Location, alias: str) -> bool:
+    """Whether a run's ``checkpoints/`` folder holds ``last.ckpt`` (alias ``last``) or any checkpoint (``best``)."""
+    fs = get_filesystem(str(ckpt_dir))
+    if alias == "last":
+        return fs.isfile(str(join(ckpt_dir, "last.ckpt")))
+    return any(e["type"] == "file" and e["name"].endswith(".ckpt") for e in fs.ls(str(ckpt_dir), detail=True))
+
+
 def find_checkpoint(alias: str, root_dir: Location = ".") -> Location:
-    """The best (or last) checkpoint of the newest training run under ``root_dir/lightning_logs``; says which."""
+    """The best (or last) checkpoint of the newest training run under ``root_dir/lightning_logs`` that has one;
+    says which, and which newer runs it passed over (a run that failed or stopped before its first checkpoint)."""
     runs = training_runs(root_dir)
     if not runs:
         raise ConfigError(
             f"--ckpt_path {alias}: no training run under {join(root_dir, 'lightning_logs')}; "
             "train one with `sedense fit` or give the checkpoint's path"
         )
-    (_, folder), older = runs[0], [f for _, f in runs[1:]]
-    hint = f" (an older run: {older[0]})" if older else ""
+    passed = [folder for _, folder in runs if not has_checkpoint(join(folder, "checkpoints"), alias)]
+    found = [folder for _, folder in runs if folder not in passed]
+    what = "last.ckpt" if alias == "last" else "checkpoint"
+    if not found:
+        raise ConfigError(f"--ckpt_path {alias}: no training run under {join(root_dir, 'lightning_logs')} has a "
+                          f"{what} yet (each stopped before its first epoch ended); give a checkpoint file")
+    folder = found[0]
+    newer = [f for f in passed if run_number(f) > run_number(folder)]
+    skipped = f"; passed over {', '.join(map(str, newer))}, which has no {what}" if newer else ""
     ckpt_dir = join(folder, "checkpoints")
     if alias == "last":
         path = join(ckpt_dir, "last.ckpt")
-        if not get_filesystem(str(path)).isfile(str(path)):
-            raise ConfigError(
-                f"--ckpt_path last: the newest training run {folder} has no last.ckpt (it stopped before its first "
-                f"epoch ended); resume nothing, or give a checkpoint file{hint}"
-            )
-        say(f"Using {path}, the last checkpoint of the newest training run")
+        say(f"Using {path}, the last checkpoint of the newest training run{skipped}")
         return path
-    try:
-        path, record = best_checkpoint(ckpt_dir)
-    except ConfigError as err:
-        raise ConfigError(f"{err}{hint}") from None
+    path, record = best_checkpoint(ckpt_dir)
     score = "" if record["best_model_score"] is None else f", {record['monitor']}={record['best_model_score']:.4f}"
-    say(f"Using {path}, the best checkpoint of the newest training run{score}")
+    say(f"Using {path}, the best checkpoint of the newest training run{score}{skipped}")
     return path
+
+
+def run_number(folder: Location) -> int:
+    return int(RUN_DIR.fullmatch(str(folder).rstrip("/").replace("\\", "/").rsplit("/", 1)[-1]).group(1))
 
 
 def run_version(ckpt_path: Location) -> tuple[Location, int] | None:

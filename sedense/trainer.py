@@ -42,15 +42,16 @@ def automatic_precision(accelerator: str | None) -> tuple[str, str]:
 
 
 class Trainer(L.Trainer):
-    """Lightning's ``Trainer``; ``precision`` also takes ``auto``: bf16 where the hardware computes in it, else fp32.
+    """Lightning's ``Trainer``; ``precision`` also takes ``auto``, the default: bf16 where the hardware computes in it,
+    else fp32.
 
     Args:
-        precision: as Lightning's (``32-true``, ``bf16-mixed``, ``16-mixed``, …), or ``auto``: ``bf16-mixed`` on
-            GPUs with bf16 (Ampere or newer) and CPUs with AVX-512 BF16 or AMX, ``32-true`` elsewhere. The choice
-            and its reason are printed.
+        precision: as Lightning's (``32-true``, ``bf16-mixed``, ``16-mixed``, …), or ``auto`` (the default):
+            ``bf16-mixed`` on GPUs with bf16 (Ampere or newer) and CPUs with AVX-512 BF16 or AMX, ``32-true``
+            elsewhere. The choice and its reason are printed.
     """
 
-    def __init__(self, *args, precision: str | int | None = None, **kwargs) -> None:
+    def __init__(self, *args, precision: str | int | None = "auto", **kwargs) -> None:
         if precision == "auto":
             precision, why = automatic_precision(kwargs.get("accelerator"))
             say(f"Precision: {precision}, chosen automatically: {why}")

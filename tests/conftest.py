@@ -69,6 +69,7 @@ TINY = [
     "--trainer.enable_progress_bar", "false",
     "--trainer.enable_model_summary", "false",
     "--trainer.log_every_n_steps", "1",
+    "--trainer.precision", "32-true",  # the same arithmetic on every machine (the default, auto, follows the CPU)
 ]
 
 
@@ -215,7 +216,8 @@ def newest_run(root: Path) -> Path:
     return max((root / "lightning_logs").glob("version_*"), key=lambda p: int(p.name.split("_")[1]))
 
 
-PREDICT = ["--data.num_workers", "0", "--trainer.enable_progress_bar", "false", "--trainer.accelerator", "cpu"]
+PREDICT = ["--data.num_workers", "0", "--trainer.enable_progress_bar", "false", "--trainer.accelerator", "cpu",
+           "--trainer.precision", "32-true"]
 
 
 def free_port() -> int:
