@@ -36,16 +36,17 @@ import torch
 
 from common import dataset_root, device_info, emit, untrained_checkpoint
 from sedense.callbacks import PredictionWriter
+from sedense.checkpoints import resolve_ckpt_path
 from sedense.data import ImageFolderDataModule, list_images, load_image
+from sedense.deploy.export import export
+from sedense.deploy.inference import InferenceModel, onnx_session
+from sedense.deploy.serve import wait_until_healthy
 from sedense.errors import ConfigError
-from sedense.export import export, onnx_session, use_onnx
 from sedense.module import ImageClassifier
 from sedense.preprocessing import Preprocessing
-from sedense.runs import resolve_ckpt_path
-from sedense.serve import wait_until_healthy
 
 
-def one_at_a_time(model: ImageClassifier, pre: Preprocessing, files: list[Path]) -> float:
+def one_at_a_time(model: InferenceModel, pre: Preprocessing, files: list[Path]) -> float:
     transform = pre.eval_transform()
     start = time.perf_counter()
     with torch.inference_mode():
@@ -55,6 +56,7 @@ def one_at_a_time(model: ImageClassifier, pre: Preprocessing, files: list[Path])
 
 
 def batched(model: ImageClassifier, pre: Preprocessing, folder: Path, out: Path) -> float:
+    """``sedense predict``'s loop: the Trainer, the datamodule and the prediction writer, in batches of 32."""
     data = ImageFolderDataModule(predict_root=str(folder), preprocessing=pre, batch_size=32)
     trainer = L.Trainer(accelerator="auto", devices=1, logger=False, default_root_dir=str(out),
                         callbacks=[PredictionWriter()], enable_progress_bar=False, enable_model_summary=False)
@@ -99,7 +101,7 @@ def service(ckpt: Path, files: list[Path], clients: int, cwd: Path) -> dict:
     }
 
 
-def engines(model: ImageClassifier, pre: Preprocessing, files: list[Path], fp32: Path, int8: Path) -> dict:
+def engines(model: InferenceModel, pre: Preprocessing, files: list[Path], fp32: Path, int8: Path) -> dict:
     """Single-image latency and batch-32 throughput of the network in each engine, on the same tensors."""
     transform = pre.eval_transform()
     images = torch.stack([transform(load_image(p)) for p in files])
@@ -162,13 +164,15 @@ def main() -> None:
         (folder / f"{i:04d}{path.suffix}").symlink_to(path.resolve())
     files = sorted(folder.iterdir())
 
-    model, pre = ImageClassifier.for_inference(ckpt)
+    model = InferenceModel.from_file(ckpt)
+    pre = model.preprocessing
     quiet = contextlib.redirect_stdout(sys.stderr)  # stdout carries the JSON alone
     result = {"benchmark": "predict", "quick": args.quick, "data": described, **device_info(),
               "checkpoint": str(ckpt), "images": len(files), "image_size": pre.image_size}
     result["one_at_a_time_img_s"] = round(one_at_a_time(model, pre, files), 1)
     with quiet:
-        result["sedense_predict_img_s"] = round(batched(model, pre, folder, tmp / "torch"), 1)
+        module = ImageClassifier.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True)
+        result["sedense_predict_img_s"] = round(batched(module, pre, folder, tmp / "torch"), 1)
         # INT8 calibrated on the checkpoint's training images and checked on its validation images (a trained run);
         # an untrained network is calibrated and checked on the benchmark's folder, without the agreement limit.
         extra = {} if trained else {"calibration_data": Path(root), "eval_data": Path(root), "min_agreement": 0.0}
@@ -178,8 +182,8 @@ def main() -> None:
                                    "onnx_fp32": round(onnx_path.stat().st_size / 2**20, 2),
                                    "onnx_int8": round((tmp / "export" / "model.int8.onnx").stat().st_size / 2**20, 2)}
         result["engines"] = engines(model, pre, files, onnx_path, tmp / "export" / "model.int8.onnx")
-        use_onnx(model, onnx_path)
-        result["onnx_runtime_img_s"] = round(batched(model, pre, folder, tmp / "onnx"), 1)
+        exported = ImageClassifier(class_names=model.class_names, exported=str(onnx_path), preprocessing=pre)
+        result["onnx_runtime_img_s"] = round(batched(exported, pre, folder, tmp / "onnx"), 1)
     clients = 4 if args.quick else 8
     result["service"] = {name: service(path, files, clients, tmp) for name, path in (
         ("checkpoint", ckpt), ("onnx_fp32", onnx_path), ("onnx_int8", tmp / "export" / "model.int8.onnx"))}

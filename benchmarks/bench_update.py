@@ -19,8 +19,8 @@ from torch.optim.swa_utils import AveragedModel
 
 from common import device_info, emit
 from sedense.models import build_model
-from sedense.module import make_optimizer
-from sedense.schedule import ema_update
+from sedense.training.ema import ema_update
+from sedense.training.optimizers import make_optimizer
 
 
 def per_tensor_ema(decay: float):

@@ -25,7 +25,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from sedense.runs import run_version, runs_under
+from sedense.checkpoints import run_version
+from sedense.runs import runs_under
 
 
 def fail(message: str) -> None:

@@ -1,3 +1,3 @@
-from sedense.cli import main
+from sedense.commands import main
 
 main()

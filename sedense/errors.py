@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import importlib
+import re
 
 
 class SedenseError(Exception):
@@ -60,3 +61,9 @@ class StorageError(SedenseError, OSError):
 
     def __str__(self) -> str:
         return self.args[0]
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an error's message, without terminal colour codes."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err)).strip()
+    return text.splitlines()[0] if text else type(err).__name__

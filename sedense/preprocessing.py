@@ -69,7 +69,11 @@ class Preprocessing:
 
     @classmethod
     def from_checkpoint(cls, checkpoint: Mapping) -> Preprocessing:
-        """From a sedense checkpoint (the data options saved in it); older checkpoints kept the keys flat."""
+        """From a sedense checkpoint: the model's own, or, in checkpoints made before the model held it, the data
+        options' (older ones kept the keys flat)."""
+        model = (checkpoint.get("hyper_parameters") or {}).get("preprocessing")
+        if isinstance(model, Mapping):
+            return cls.from_dict(model)
         data = checkpoint.get("datamodule_hyper_parameters") or {}
         saved = data.get("preprocessing")
         if isinstance(saved, Preprocessing):

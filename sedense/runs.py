@@ -8,7 +8,6 @@ object by object through fsspec, as Lightning writes its checkpoints there.
 
 from __future__ import annotations
 
-import ast
 import csv
 import io
 import json
@@ -19,13 +18,10 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.utilities import rank_zero_only
 
-from sedense.errors import ConfigError, StorageError
-from sedense.models.pretrained import safe_load
+from sedense.errors import StorageError
 
 RUN_DIR = re.compile(r"version_(\d+)")
 TMP_SUFFIX = ".sedense-tmp"  # temporary files of interrupted writes end in this; cleaned at the next start
@@ -176,46 +172,6 @@ def run_dir(trainer) -> Location:
     return Path(path)
 
 
-# ----------------------------------------------------------------------------- checkpoints
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Checkpoints written through :func:`write_file` locally and Lightning's fsspec writer remotely; read once.
-
-    ``preloaded`` holds checkpoints the command line has already read (to check them and take their
-    hyperparameters): loading one of those again returns the same object instead of a second read.
-    """
-
-    def __init__(self, preloaded: dict[str, dict] | None = None) -> None:
-        super().__init__()
-        self.preloaded = dict(preloaded or {})
-
-    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
-        if is_remote(path):
-            super().save_checkpoint(checkpoint, path, storage_options)
-            return
-        buffer = io.BytesIO()
-        torch.save(checkpoint, buffer)  # fails before anything is written when the state cannot be saved
-        write_file(path, buffer.getbuffer())
-
-    def load_checkpoint(self, path, map_location: Any | None = None, weights_only: bool | None = None) -> dict:
-        cached = self.preloaded.pop(str(path), None)
-        if cached is not None:
-            return cached
-        return super().load_checkpoint(path, weights_only=weights_only)
-
-
-def read_checkpoint(path: Location, trusted: bool = False, option: str = "--ckpt_path") -> dict:
-    """A checkpoint, local or at a URL (fsspec), read once: plain tensors and numbers only, unless ``trusted``
-    (``--weights_only false``). Local files are memory-mapped."""
-    if is_remote(path):
-        try:
-            with get_filesystem(str(path)).open(str(path), "rb") as f:
-                data = f.read()
-        except (OSError, ValueError) as err:
-            raise ConfigError(f"{option}: cannot read {path} ({err})") from None
-        return safe_load(io.BytesIO(data), option, trusted=trusted)
-    return safe_load(path, option, mmap=True, trusted=trusted)
-
-
 def runs_under(root_dir: Location = ".") -> list[tuple[int, Location]]:
     """``(N, …/lightning_logs/version_N)`` for every run under ``root_dir``, newest first."""
     fs = get_filesystem(str(root_dir))
@@ -229,122 +185,3 @@ def runs_under(root_dir: Location = ".") -> list[tuple[int, Location]]:
         if match and entry["type"] == "directory":
             runs.append((int(match.group(1)), join(base, name)))
     return sorted(runs, key=lambda r: r[0], reverse=True)
-
-
-def training_runs(root_dir: Location = ".") -> list[tuple[int, Location]]:
-    """The runs of ``sedense fit`` (those with a ``checkpoints/`` folder), newest first."""
-    fs = get_filesystem(str(root_dir))
-    return [(n, folder) for n, folder in runs_under(root_dir) if fs.isdir(str(join(folder, "checkpoints")))]
-
-
-def _load_meta(path: Location) -> dict:
-    """A checkpoint's non-tensor content, cheaply (tensors memory-mapped locally, never unpickled as objects)."""
-    fs = get_filesystem(str(path))
-    if is_remote(path):
-        with fs.open(str(path), "rb") as f:
-            return torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
-    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-
-
-def checkpoint_record(checkpoint: dict) -> list[dict]:
-    """The records of the monitoring ``ModelCheckpoint`` callbacks in ``checkpoint``: monitor, mode, best, score."""
-    records = []
-    for key, state in (checkpoint.get("callbacks") or {}).items():
-        if not (isinstance(key, str) and key.startswith("ModelCheckpoint") and isinstance(state, dict)):
-            continue
-        try:
-            settings = ast.literal_eval(key[len("ModelCheckpoint"):])
-        except (ValueError, SyntaxError):
-            settings = {}
-        if state.get("monitor") and state.get("best_model_path"):
-            score = state.get("best_model_score")
-            records.append({
-                "monitor": state["monitor"],
-                "mode": settings.get("mode", "max"),
-                "best_model_path": str(state["best_model_path"]),
-                "best_model_score": float(score) if score is not None else None,
-            })
-    return records
-
-
-def best_checkpoint(ckpt_dir: Location) -> tuple[Location, dict]:
-    """The best checkpoint of one run, from the checkpoint callback's own record in its newest checkpoint.
-
-    File names are not compared: with ``save_top_k`` above 1 the alphabetically last ``best*.ckpt`` is the
-    newest, not the best, and ``epoch=100`` sorts before ``epoch=99``.
-    """
-    fs = get_filesystem(str(ckpt_dir))
-    files = [e for e in fs.ls(str(ckpt_dir), detail=True) if e["type"] == "file" and e["name"].endswith(".ckpt")]
-    if not files:
-        raise ConfigError(f"--ckpt_path best: {ckpt_dir} holds no checkpoint yet")
-    names = {e["name"].rstrip("/").rsplit("/", 1)[-1] for e in files}
-    newest = "last.ckpt" if "last.ckpt" in names else max(files, key=lambda e: e.get("mtime") or e.get("created") or 0)[
-        "name"].rsplit("/", 1)[-1]
-    for record in checkpoint_record(_load_meta(join(ckpt_dir, newest))):
-        name = record["best_model_path"].replace("\\", "/").rsplit("/", 1)[-1]
-        if name in names:
-            return join(ckpt_dir, name), record
-    raise ConfigError(
-        f"--ckpt_path best: the checkpoints in {ckpt_dir} record no best checkpoint that still exists "
-        "(no validation ran, or the file was removed); give a checkpoint file"
-    )
-
-
-def has_checkpoint(ckpt_dir: Location, alias: str) -> bool:
-    """Whether a run's ``checkpoints/`` folder holds ``last.ckpt`` (alias ``last``) or any checkpoint (``best``)."""
-    fs = get_filesystem(str(ckpt_dir))
-    if alias == "last":
-        return fs.isfile(str(join(ckpt_dir, "last.ckpt")))
-    return any(e["type"] == "file" and e["name"].endswith(".ckpt") for e in fs.ls(str(ckpt_dir), detail=True))
-
-
-def find_checkpoint(alias: str, root_dir: Location = ".") -> Location:
-    """The best (or last) checkpoint of the newest training run under ``root_dir/lightning_logs`` that has one;
-    says which, and which newer runs it passed over (a run that failed or stopped before its first checkpoint)."""
-    runs = training_runs(root_dir)
-    if not runs:
-        raise ConfigError(
-            f"--ckpt_path {alias}: no training run under {join(root_dir, 'lightning_logs')}; "
-            "train one with `sedense fit` or give the checkpoint's path"
-        )
-    passed = [folder for _, folder in runs if not has_checkpoint(join(folder, "checkpoints"), alias)]
-    found = [folder for _, folder in runs if folder not in passed]
-    what = "last.ckpt" if alias == "last" else "checkpoint"
-    if not found:
-        raise ConfigError(f"--ckpt_path {alias}: no training run under {join(root_dir, 'lightning_logs')} has a "
-                          f"{what} yet (each stopped before its first epoch ended); give a checkpoint file")
-    folder = found[0]
-    newer = [f for f in passed if run_number(f) > run_number(folder)]
-    skipped = f"; passed over {', '.join(map(str, newer))}, which has no {what}" if newer else ""
-    ckpt_dir = join(folder, "checkpoints")
-    if alias == "last":
-        path = join(ckpt_dir, "last.ckpt")
-        say(f"Using {path}, the last checkpoint of the newest training run{skipped}")
-        return path
-    path, record = best_checkpoint(ckpt_dir)
-    score = "" if record["best_model_score"] is None else f", {record['monitor']}={record['best_model_score']:.4f}"
-    say(f"Using {path}, the best checkpoint of the newest training run{score}{skipped}")
-    return path
-
-
-def run_number(folder: Location) -> int:
-    return int(RUN_DIR.fullmatch(str(folder).rstrip("/").replace("\\", "/").rsplit("/", 1)[-1]).group(1))
-
-
-def run_version(ckpt_path: Location) -> tuple[Location, int] | None:
-    """``(lightning_logs folder, N)`` when ``ckpt_path`` lies in ``…/lightning_logs/version_N/checkpoints``."""
-    parts = str(ckpt_path).replace("\\", "/").split("/") if is_remote(ckpt_path) else Path(ckpt_path).resolve().parts
-    if len(parts) >= 4 and parts[-2] == "checkpoints" and RUN_DIR.fullmatch(parts[-3]):
-        logs = "/".join(parts[:-3]) if is_remote(ckpt_path) else Path(*parts[:-3])
-        return logs, int(RUN_DIR.fullmatch(parts[-3]).group(1))
-    return None
-
-
-def resolve_ckpt_path(spec: str, root_dir: Location = ".") -> Location:
-    """``best``/``last`` (of the newest training run) or an existing file; otherwise one clear error."""
-    if spec in ("best", "last"):
-        return find_checkpoint(spec, root_dir)
-    if not get_filesystem(spec).isfile(spec):
-        raise ConfigError(f"--ckpt_path {spec}: no such file; give a .ckpt file, `best` or `last`")
-    return spec if is_remote(spec) else Path(spec)
-

@@ -158,7 +158,7 @@ def run_cli(args: list, cwd: Path, check: bool = True) -> subprocess.CompletedPr
     import contextlib
     import io
 
-    from sedense.cli import main
+    from sedense.commands import main
 
     out, err, code, before = io.StringIO(), io.StringIO(), 0, os.getcwd()
     os.chdir(cwd)
@@ -242,7 +242,7 @@ def read_only(folder: Path):
 @contextlib.contextmanager
 def serving(cwd: Path, *args: str, env: dict | None = None):
     """``sedense serve *args`` in a real process on a free port, until the block ends; yields its URL."""
-    from sedense.serve import wait_until_healthy
+    from sedense.deploy.serve import wait_until_healthy
 
     port = free_port()
     command = [sys.executable, "-m", "sedense", "serve", *args, "--port", str(port), "--accelerator", "cpu"]

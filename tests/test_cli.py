@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import TINY, make_folder, run_sedense
-from sedense.cli import main
+from sedense.commands import main
 
 CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
 
@@ -125,3 +125,24 @@ def test_digits_command_writes_an_image_folder(tmp_path):
     n_train = sum(1 for _ in out.rglob("*.png"))
     n_test = sum(1 for _ in (tmp_path / "held").rglob("*.png"))
     assert n_train + n_test == 1797 and 170 <= n_test <= 190
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
+def test_every_config_trains_a_step_on_generated_images(config, tmp_path, monkeypatch):
+    """Each config as a user runs it, with only the data and the size of the run changed."""
+    import torchvision
+
+    from sedense.models.pretrained import cached_weights_path
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))  # pretrained weights: a file the test makes
+    weights = cached_weights_path("densenet121")
+    weights.parent.mkdir(parents=True)
+    torch.save(torchvision.models.densenet121().state_dict(), weights)
+    make_folder(tmp_path / "photos", {"cardboard": 6, "glass": 6, "metal": 6}, size=48)
+    monkeypatch.chdir(tmp_path)
+    main(["fit", "--config", str(config), "--data.root", "photos", "--trainer.fast_dev_run", "true",
+          "--data.preprocessing.image_size", "64", "--data.batch_size", "4", "--data.num_workers", "0",
+          "--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.precision", "32-true",
+          "--trainer.enable_progress_bar", "false"])
+    (written,) = tmp_path.rglob("class_indices.json")  # fast_dev_run logs nowhere: the run writes in its root folder
+    assert json.loads(written.read_text()) == {"0": "cardboard", "1": "glass", "2": "metal"}

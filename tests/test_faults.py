@@ -25,9 +25,9 @@ from conftest import (
     run_cli,
     run_sedense,
 )
+from sedense.checkpoints import AtomicCheckpointIO
 from sedense.data import ImageFolderDataModule, check_image, load_image, scan_dataset
 from sedense.preprocessing import Preprocessing
-from sedense.runs import AtomicCheckpointIO
 
 
 def test_scan_keeps_awkward_images_and_skips_broken_files(tmp_path):

@@ -175,7 +175,7 @@ def test_prediction_inputs_are_listed_by_the_first_process_and_shared(tmp_path, 
 # ----------------------------------------------------------------------------- 6. INT8 of a model that is never sure
 def test_an_int8_model_is_refused_on_its_overall_agreement_when_fp32_is_sure_of_nothing(trained_run, tmp_path,
                                                                                        monkeypatch):
-    from sedense import quantize
+    from sedense.deploy import quantize
 
     real = quantize.compare
 
@@ -195,7 +195,7 @@ def test_an_int8_model_is_refused_on_its_overall_agreement_when_fp32_is_sure_of_
 
 # ----------------------------------------------------------------------------- 7. upload bodies
 def upload_middleware(body_timeout: float = 30.0):
-    from sedense.serve import ImageUploadMiddleware
+    from sedense.deploy.http import ImageUploadMiddleware
 
     async def app(scope, receive, send):  # the model's side: never reached by these uploads
         raise AssertionError("a bad upload reached the model")
@@ -307,7 +307,7 @@ def test_the_service_answers_each_request_alone(trained_run, tmp_path):
 
 
 def test_the_page_escapes_its_config_and_reads_answers_that_are_not_json():
-    from sedense.serve import PageMiddleware
+    from sedense.deploy.http import PageMiddleware
 
     page = PageMiddleware(None, {"classes": ["a</script><!--<script>", "b"]}).page
     text = page.split('<script id="config" type="application/json">')[1].split("</script>")[0]
@@ -317,7 +317,7 @@ def test_the_page_escapes_its_config_and_reads_answers_that_are_not_json():
 
 # ----------------------------------------------------------------------------- 8. a resumed time budget
 def test_a_resumed_plan_follows_the_options_in_force():
-    from sedense.schedule import TimePlan
+    from sedense.training.time_plan import TimePlan
 
     plan = TimePlan(10, 0, max_epochs=5, budget_seconds=60.0)
     for epoch in range(5):
@@ -437,7 +437,7 @@ def test_exports_follow_the_umask_replace_stale_int8_files_and_clean_up_after_a_
 def test_a_remote_checkpoint_exports_and_serves_through_fsspec(trained_run, tmp_path):
     import fsspec
 
-    from sedense.serve import inference_model
+    from sedense.deploy.inference import InferenceModel
 
     fs = fsspec.filesystem("memory")
     fs.pipe("/remote/run/best.ckpt", best_checkpoint(trained_run).read_bytes())
@@ -448,8 +448,8 @@ def test_a_remote_checkpoint_exports_and_serves_through_fsspec(trained_run, tmp_
             f"sedense: error: --out: give a local folder for the export of {url} (the checkpoint is remote)")
         run_cli(["export", "--ckpt_path", url, "--format", "torchscript", "--out", tmp_path / "export"], tmp_path)
         assert (tmp_path / "export" / "model.pt").is_file()
-        model, preprocessing = inference_model(url)
-        assert model.class_names == ["cardboard", "glass", "metal"] and preprocessing.image_size == 16
+        model = InferenceModel.from_file(url)
+        assert model.class_names == ["cardboard", "glass", "metal"] and model.preprocessing.image_size == 16
         onnx = run_cli(["predict", "--ckpt_path", "memory://remote/run/model.onnx", "--data.predict_root",
                         trained_run / "data"], tmp_path, check=False)
         assert onnx.returncode == 2 and "no such file" in onnx.stderr

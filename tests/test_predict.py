@@ -125,7 +125,7 @@ def plain_densenet(path: Path) -> Path:
     """A tiny DenseNet without squeeze-and-excitation, its norms given uneven statistics, exported to ONNX."""
     import torch
 
-    from sedense.export import export_onnx
+    from sedense.deploy.export import export_onnx
     from sedense.models import SEDenseNet
 
     torch.manual_seed(0)
@@ -141,7 +141,7 @@ def test_the_integer_graph_computes_what_the_exported_model_does(trained, onnx_e
     import numpy as np
     import onnx
 
-    from sedense.int8_graph import integer_graph
+    from sedense.deploy.int8_graph import integer_graph
 
     exported = trained / "lightning_logs" / "version_0" / "export" / "model.onnx"
     model = onnx.load(str(exported))
@@ -167,7 +167,7 @@ def test_equalized_features_share_one_range_and_the_model_computes_the_same(trai
     import numpy as np
     import onnx
 
-    from sedense.int8_graph import equalize, integer_graph
+    from sedense.deploy.int8_graph import equalize, integer_graph
 
     exported = (trained / "lightning_logs" / "version_0" / "export" / "model.onnx" if squeeze
                 else plain_densenet(tmp_path / "plain.onnx"))
@@ -239,7 +239,7 @@ def test_int8_export_is_checked_against_fp32_and_predicts(trained, tmp_path, mon
         answer = requests.post(f"{url}/predict?explain=1", data=(trained / photo).read_bytes(), timeout=60).json()
     assert answer["class"] == predicted[photo] and "exported model" in answer["heatmap_error"]
 
-    from sedense import quantize
+    from sedense.deploy import quantize
 
     real = quantize.compare  # an INT8 model that changes the class of 1 image in 10
     monkeypatch.setattr(quantize, "compare", lambda *args: {**real(*args), "confident_agreement": 0.9})
@@ -354,7 +354,7 @@ def test_a_lone_request_is_not_kept_waiting_for_a_batch_to_fill(trained):
 
 @pytest.mark.parametrize("option", [["--top_k", "0"], ["--max_batch_size", "0"], ["--port", "70000"]])
 def test_service_refuses_impossible_options_at_start_up(option, capsys):
-    from sedense.cli import main
+    from sedense.commands import main
 
     with pytest.raises(SystemExit) as stop:
         main(["serve", "--ckpt_path", "never-read.ckpt", *option])

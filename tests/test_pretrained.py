@@ -7,7 +7,7 @@ import torch
 import torchvision
 
 from conftest import make_folder
-from sedense.cli import main
+from sedense.commands import main
 from sedense.errors import ConfigError
 from sedense.models import build_model
 from sedense.models.pretrained import cached_weights_path, load_backbone, load_official_state_dict, remap_legacy_keys
@@ -103,10 +103,11 @@ def test_frozen_densenet121_keeps_backbone_and_bn_statistics(cached_densenet121,
 
 
 def test_head_changes_in_a_frozen_training_step(cached_densenet121, offline):
+    from sedense.models.pretrained import load_initial_weights
     from sedense.module import ImageClassifier
 
     model = ImageClassifier(class_names=["a", "b", "c"], arch="densenet121", pretrained=True)
-    model.load_initial_weights()
+    load_initial_weights(model.net, model.hparams, model.class_names)
     from sedense.callbacks.finetuning import FreezeBackbone
 
     freezer = FreezeBackbone(freeze=True)

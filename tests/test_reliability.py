@@ -37,7 +37,7 @@ from conftest import (
     run_sedense,
     sedense_env,
 )
-from sedense.cli import main
+from sedense.commands import main
 from sedense.data.folders import scan_dataset
 from sedense.data.images import check_image
 from sedense.errors import ConfigError
@@ -333,7 +333,7 @@ def test_a_library_fit_writes_no_run_files_into_the_working_directory(tmp_path, 
 
 
 def test_an_export_that_fails_its_parity_check_leaves_nothing_behind(trained_run, tmp_path, monkeypatch):
-    from sedense import export
+    from sedense.deploy import export
 
     out = tmp_path / "export"
     export.export(best_checkpoint(trained_run), "torchscript", out)
@@ -349,7 +349,7 @@ def test_an_export_that_fails_its_parity_check_leaves_nothing_behind(trained_run
 
 
 def test_unknown_checkpoint_aliases_and_missing_files_are_one_line(tmp_path):
-    from sedense.runs import resolve_ckpt_path
+    from sedense.checkpoints import resolve_ckpt_path
 
     with pytest.raises(ConfigError, match="no training run"):
         resolve_ckpt_path("best", tmp_path)

@@ -10,15 +10,10 @@ import torch
 
 from conftest import TINY, make_folder, newest_run, run_cli
 from sedense import trainer as sedense_trainer
-from sedense.schedule import (
-    StepTimes,
-    TimePlan,
-    WarmupCosine,
-    cosine_factor,
-    ema_update,
-    progressive_size,
-    progressive_sizes,
-)
+from sedense.training.ema import ema_update
+from sedense.training.resizing import progressive_size, progressive_sizes
+from sedense.training.schedule import WarmupCosine, cosine_factor
+from sedense.training.time_plan import StepTimes, TimePlan
 
 
 def budgeted(steps_per_epoch: int, warmup_steps: int, lrf: float):
@@ -266,7 +261,7 @@ def test_a_run_that_stalls_mid_plan_is_stopped_at_the_floor(tmp_path):
              "--trainer.callbacks.from_epoch=2"], tmp_path)
     run = newest_run(tmp_path)
     last = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-    plan = last["time_plan"]
+    plan = last["callbacks"]["TimeBudget"]["plan"]
     assert last["global_step"] < plan["planned_epochs"] * plan["steps_per_epoch"]  # the budget stopped it mid-plan
     rows = results(run)
     assert float(rows[-1]["lr"]) == pytest.approx(0.002 * 0.01)  # yet at the floor, and the weights validated

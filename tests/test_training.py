@@ -12,6 +12,7 @@ import torch
 from conftest import TINY, make_folder, run_cli
 from sedense.data import ImageFolderDataModule
 from sedense.data.transforms import batch_mixer
+from sedense.deploy.inference import InferenceModel
 from sedense.module import ImageClassifier
 from sedense.preprocessing import Preprocessing
 
@@ -45,7 +46,7 @@ def test_mixup_cutmix_ema_cache_and_early_stopping_from_yaml(tmp_path):
     assert "current_model_state" in last  # EMA: the checkpoint's weights are the average ...
     averaged, current = last["state_dict"], last["current_model_state"]
     assert not torch.equal(averaged["net.classifier.weight"], current["net.classifier.weight"])  # ... not the live ones
-    model, _ = ImageClassifier.for_inference(run / "checkpoints" / "last.ckpt")
+    model = InferenceModel.from_file(run / "checkpoints" / "last.ckpt")
     assert torch.equal(model.net.classifier.weight, averaged["net.classifier.weight"])
 
 
@@ -187,7 +188,7 @@ def test_more_sizes_than_torch_keeps_graphs_of_are_all_compiled(tmp_path, monkey
 
 
 def test_the_optimiser_is_the_fastest_implementation_this_torch_has_with_the_same_arithmetic(monkeypatch):
-    from sedense import module
+    from sedense.training import optimizers as module
 
     def groups(seed: int = 0) -> list[dict]:
         torch.manual_seed(seed)
@@ -227,7 +228,7 @@ def test_the_optimiser_is_the_fastest_implementation_this_torch_has_with_the_sam
 def test_a_resumed_optimiser_keeps_the_implementation_this_run_chose():
     # A checkpoint's groups carry the implementation chosen where it was made; loaded as they were, a fused one
     # came back where this torch or device has none, or where mixed precision must clip gradients.
-    from sedense import module
+    from sedense.training import optimizers as module
 
     weights = torch.nn.Parameter(torch.ones(4, 3))
     fused = module.make_optimizer("adamw", [{"params": [weights]}], lr=0.01)

@@ -13,6 +13,7 @@ from typing import Literal
 
 import lightning as L
 import torch
+from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.callbacks import BasePredictionWriter
 
 from sedense import reports
@@ -25,9 +26,18 @@ from sedense.callbacks.outputs import (
     with_suffix_unique,
 )
 from sedense.data.datasets import UNREADABLE
+from sedense.deploy.explain import grad_cam_overlays, require_grad_cam
 from sedense.errors import ConfigError
-from sedense.explain import grad_cam_overlays, require_grad_cam
-from sedense.runs import is_remote, join, remove_stale_temporaries, run_dir, say, write_file, write_file_list
+from sedense.runs import (
+    is_remote,
+    join,
+    remove_stale_temporaries,
+    run_dir,
+    runs_under,
+    say,
+    write_file,
+    write_file_list,
+)
 
 
 def drop_partial_line(path: Path, block: int = 4096) -> None:
@@ -63,6 +73,44 @@ def input_stamp(path) -> list[int] | None:
 
 STATE_FILE = "predict_state.json"  # what this prediction is (to continue it), and whether it finished
 JOURNAL = "predictions.partial"  # one `<JOURNAL>.<rank>.jsonl` per process, a line per image, while predicting
+
+
+def file_digest(path) -> str:
+    """The SHA-256 of a file's content, read a megabyte at a time."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def prediction_manifest(model_file, spec: str, preprocessing: dict, tta, writer: dict) -> dict:
+    """What makes two predictions the same: model file (its content), inputs, preprocessing and every writer option."""
+    local = spec and not is_remote(spec) and Path(spec).exists()
+    stat = Path(model_file).stat() if model_file and not is_remote(model_file) else None
+    return json.loads(json.dumps({
+        "model": str(Path(model_file).resolve()) if stat else model_file,
+        "model_size": stat.st_size if stat else None,
+        "model_sha256": file_digest(model_file) if stat else None,
+        "inputs": str(Path(spec).resolve()) if local else spec,
+        "preprocessing": preprocessing,
+        "tta": tta,
+        "writer": writer,
+    }, default=str))
+
+
+def unfinished_prediction(root, manifest: dict):
+    """``(lightning_logs, N)`` of the newest run under ``root`` of this same prediction if it did not finish."""
+    for version, folder in runs_under(root):
+        state_path = join(folder, STATE_FILE)
+        fs = get_filesystem(str(state_path))
+        if not fs.isfile(str(state_path)):
+            continue
+        try:
+            with fs.open(str(state_path), "r") as f:
+                state = json.load(f)
+        except (OSError, ValueError):
+            continue
+        if state.get("manifest") == manifest:
+            return None if state.get("complete") else (join(root, "lightning_logs"), version)
+    return None
 
 
 class PredictionWriter(BasePredictionWriter):
@@ -236,7 +284,7 @@ class PredictionWriter(BasePredictionWriter):
 
     def _explain(self, trainer: L.Trainer, pl_module: L.LightningModule, x: torch.Tensor, paths: list[Path]) -> None:
         """Grad-CAM of the top class at the network's last feature map, laid over each input."""
-        for overlay, path in zip(grad_cam_overlays(pl_module.net, x, trainer.datamodule.preprocessing), paths):
+        for overlay, path in zip(grad_cam_overlays(pl_module.net, x, pl_module.preprocessing), paths):
             dst = join(self.folder, "explained", *self.explained[str(path)].parts)
             write_file(dst, reports.png_bytes(overlay))
 

@@ -202,7 +202,7 @@ class ReportWriter(L.Callback):
         self._preview_done = True
         x, y = batch[0], batch[1]
         n = min(self.preview_images, len(y))
-        images = trainer.datamodule.preprocessing.denormalize(x[:n])
+        images = pl_module.preprocessing.denormalize(x[:n])
         titles = [pl_module.class_names[int(t)] for t in y[:n]]
         # Drawn at once (it shows the augmentation before the run goes far), and timed: what one picture costs here.
         path = join(run_dir(trainer), "train_batch.png")
@@ -352,7 +352,7 @@ class ReportWriter(L.Callback):
         reports.write_json(written[0], report)
         written += self._write_matrix(trainer, matrix, names, f"confusion_matrix_{stage}", stage)
         if worst:
-            images = trainer.datamodule.preprocessing.denormalize(torch.stack([w[1] for w in worst]))
+            images = pl_module.preprocessing.denormalize(torch.stack([w[1] for w in worst]))
             titles = [f"true {names[w[2]]}\npred {names[w[3]]} {w[4]:.2f}" for w in worst]
             written.append(join(folder, f"worst_{stage}.png"))
             reports.save_figure(reports.image_grid_figure(images, titles, columns=4), written[-1])

@@ -388,12 +388,19 @@ class ImageFolderDataModule(L.LightningDataModule):
             pin_memory=torch.cuda.is_available(),
         )
 
-    def train_dataloader(self) -> DataLoader:
+    def _drop_last(self, processes: int) -> bool:
         # Under several processes each one trains on its share of the images: drop the last, partial batch
         # only when every process still has a full one (comparing the whole set would leave none).
+        return math.ceil(len(self.train_set) / processes) > self.hparams.batch_size
+
+    def train_batches(self, processes: int = 1) -> int:
+        """The training batches of an epoch in each of ``processes`` (after ``setup("fit")``)."""
+        share, size = math.ceil(len(self.train_set) / processes), self.hparams.batch_size
+        return share // size if self._drop_last(processes) else math.ceil(share / size)
+
+    def train_dataloader(self) -> DataLoader:
         processes = self.trainer.world_size if self.trainer is not None else 1
-        share = math.ceil(len(self.train_set) / processes)
-        return self._loader(self.train_set, shuffle=True, drop_last=share > self.hparams.batch_size)
+        return self._loader(self.train_set, shuffle=True, drop_last=self._drop_last(processes))
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set)

@@ -4,12 +4,18 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 import torchvision
 from torch import nn
 
 from sedense.models.se_densenet import SEDenseNet, SEModule, se_hidden_channels
 
-__all__ = ["PRESETS", "TORCHVISION", "SEDenseNet", "SEModule", "build_model", "list_models", "se_hidden_channels"]
+__all__ = ["NETWORK_OPTIONS", "PRESETS", "TORCHVISION", "SEDenseNet", "SEModule", "build_model", "class_log_probs",
+           "list_models", "se_hidden_channels"]
+
+# The options of a network beside its name and classes: what a checkpoint's hyperparameters rebuild it from.
+NETWORK_OPTIONS = ("growth_rate", "block_config", "num_init_features", "compression", "bn_size", "drop_rate",
+                   "small_inputs", "memory_efficient", "se_reduction")
 
 # Each preset is a set of SEDenseNet constructor arguments; any of them can be overridden.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -32,6 +38,15 @@ TORCHVISION = {
 }
 # The SEDenseNet arguments a torchvision DenseNet also takes.
 _TORCHVISION_KWARGS = ("drop_rate", "memory_efficient")
+
+
+def class_log_probs(forward, x: torch.Tensor, tta: bool = False) -> torch.Tensor:
+    """Class log-probabilities of ``forward(x)``; with ``tta``, of the mean of the image's and its mirror's
+    probabilities (test-time augmentation)."""
+    if not tta:
+        return torch.log_softmax(forward(x).float(), dim=1)
+    probs = (forward(x).float().softmax(1) + forward(x.flip(-1)).float().softmax(1)) / 2
+    return probs.clamp_min(1e-12).log()
 
 
 def list_models() -> list[str]:

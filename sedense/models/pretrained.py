@@ -9,16 +9,14 @@ every layer they share is loaded, only the SE blocks and the head start fresh.
 from __future__ import annotations
 
 import os
-import pickle
 import re
-import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from sedense.errors import ConfigError
+from sedense.errors import ConfigError, first_line
 
 # The torchvision DenseNet whose weights each architecture can start from.
 WEIGHT_SOURCES = {
@@ -67,6 +65,8 @@ def cached_weights_path(arch: str) -> Path:
 def load_official_state_dict(arch: str) -> dict[str, torch.Tensor]:
     """The official ImageNet weights of ``arch``'s DenseNet: from the hub cache, else downloaded."""
     weights = official_weights(arch)
+    from sedense.checkpoints import safe_load  # read safely, as every checkpoint; here at first use: no Lightning
+
     path = cached_weights_path(arch)
     if path.is_file():
         return safe_load(path, "model.pretrained")
@@ -80,51 +80,10 @@ def load_official_state_dict(arch: str) -> dict[str, torch.Tensor]:
         ) from None
 
 
-def is_torchscript(path) -> bool:
-    """Whether ``path`` (a local file) is a TorchScript archive (``torch.jit.save``), not a checkpoint."""
-    try:
-        with zipfile.ZipFile(path) as archive:
-            return any(name.endswith("/constants.pkl") or "/code/" in name for name in archive.namelist())
-    except (OSError, zipfile.BadZipFile, TypeError, ValueError):
-        return False
-
-
-def safe_load(path: str | Path, option: str, mmap: bool = False, trusted: bool = False):
-    """``torch.load`` without unpickling objects (unless ``trusted``); failures are one line naming ``option``."""
-    if isinstance(path, (str, Path)) and is_torchscript(path):
-        raise ConfigError(
-            f"{option}: {path} is a TorchScript export, not a checkpoint: `sedense predict` and `sedense serve` run "
-            "it (with the class_indices.json and preprocessing.json beside it), other programs load it with "
-            "torch.jit.load; for this command give the .ckpt it was exported from"
-        )
-    try:
-        return torch.load(path, map_location="cpu", weights_only=not trusted, mmap=mmap)
-    except FileNotFoundError:
-        raise ConfigError(f"{option}: {path} does not exist") from None
-    except pickle.UnpicklingError as err:
-        if "Weights only load failed" not in str(err):
-            raise ConfigError(
-                f"{option}: cannot read {path} as a weights or checkpoint file ({first_line(err)})"
-            ) from None
-        found = re.search(r"GLOBAL ([\w.]+)", str(err))
-        what = f" ({found.group(1)})" if found else ""
-        raise ConfigError(
-            f"{option}: {path} holds pickled Python objects{what}, and sedense loads "
-            "only plain tensors and numbers unless told to trust a file, since unpickling can run any code; "
-            "if you made this checkpoint yourself, add --weights_only false"
-        ) from None
-    except Exception as err:  # noqa: BLE001 - corrupt file, not a torch file
-        raise ConfigError(f"{option}: cannot read {path} as a weights or checkpoint file ({first_line(err)})") from None
-
-
-def first_line(err: BaseException) -> str:
-    """The first line of an error's message, without terminal colour codes."""
-    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err)).strip()
-    return text.splitlines()[0] if text else type(err).__name__
-
-
 def load_weights_file(path: str | Path) -> tuple[dict[str, torch.Tensor], list[str] | None]:
     """A state dict from a torchvision ``.pth`` or a sedense ``.ckpt`` (then with its class names)."""
+    from sedense.checkpoints import safe_load
+
     obj = safe_load(path, "model.weights")
     if isinstance(obj, Mapping) and "state_dict" in obj:
         state = {k.removeprefix("net."): v for k, v in obj["state_dict"].items() if k.startswith("net.")}
@@ -174,3 +133,18 @@ def load_backbone(model: nn.Module, state: Mapping[str, torch.Tensor], source: s
         )
     model.load_state_dict(state, strict=False)
     return len(state)
+
+
+def load_initial_weights(net: nn.Module, options, class_names: list[str]) -> str | None:
+    """Load the model options' ``pretrained`` (torchvision's weights) or ``weights`` (a file) into ``net``; the head
+    stays fresh unless the file's classes are ``class_names``. Returns what was loaded, to say, or ``None``."""
+    if options.get("pretrained"):
+        state, load_head = load_official_state_dict(options["arch"]), False
+        source = f"torchvision's {options['arch']} weights"
+    elif options.get("weights"):
+        state, classes = load_weights_file(options["weights"])
+        source, load_head = options["weights"], classes == list(class_names)
+    else:
+        return None
+    n = load_backbone(net, state, source, load_head=load_head)
+    return f"Loaded {n} tensors from {source}" + ("" if load_head else "; the classifier starts fresh")

@@ -14,13 +14,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from sedense.data.folders import check_class_names
+from sedense.checkpoints import read_checkpoint
 from sedense.data.images import filter_images, list_images, readable_inputs, skipped_note
-from sedense.errors import ConfigError, SedenseError, StorageError, require_extra
-from sedense.models.pretrained import is_torchscript
-from sedense.module import ImageClassifier
-from sedense.preprocessing import Preprocessing
-from sedense.quantize import (
+from sedense.deploy.inference import InferenceModel, onnx_session
+from sedense.deploy.quantize import (
     CALIBRATION_IMAGES,
     CALIBRATION_METHODS,
     MIN_AGREEMENT,
@@ -29,12 +26,13 @@ from sedense.quantize import (
     quantized_export,
     write_report,
 )
+from sedense.errors import ConfigError, SedenseError, StorageError
+from sedense.preprocessing import Preprocessing
 from sedense.runs import (
     TMP_SUFFIX,
     class_indices_json,
     current_umask,
     is_remote,
-    read_checkpoint,
     remove_stale_temporaries,
     write_file,
 )
@@ -83,68 +81,6 @@ def run_onnx(path: Path, batch: torch.Tensor) -> np.ndarray:
     return session.run(None, {"images": batch.numpy()})[0]
 
 
-def onnx_session(model: str | Path | bytes):
-    """An ONNX Runtime session for a model file, or for a serialized model (``bytes``)."""
-    ort = require_extra("onnxruntime", "running an ONNX model needs ONNX Runtime", "onnx")
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    return ort.InferenceSession(model if isinstance(model, bytes) else str(model), options,
-                                providers=ort.get_available_providers())
-
-
-class OnnxNet(nn.Module):
-    """An exported ONNX classifier behind the ``nn.Module`` interface (CPU or CUDA through ONNX Runtime)."""
-
-    def __init__(self, path: str | Path) -> None:
-        super().__init__()
-        self.session = onnx_session(path)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.session.run(None, {"images": x.detach().float().cpu().contiguous().numpy()})[0]
-        return torch.from_numpy(out).to(x.device)
-
-
-class TorchScriptNet(nn.Module):
-    """An exported TorchScript classifier (``model.pt``) behind the ``nn.Module`` interface, in float32."""
-
-    def __init__(self, path: str | Path) -> None:
-        super().__init__()
-        self.module = torch.jit.load(str(path), map_location="cpu")
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.module(x.float())
-
-
-def is_exported(path) -> bool:
-    """Whether ``path`` is a model ``sedense export`` wrote (ONNX or TorchScript) rather than a checkpoint."""
-    return str(path).endswith(".onnx") or (not is_remote(path) and is_torchscript(path))
-
-
-def use_exported(model, path: str | Path):
-    """``model`` (an ``ImageClassifier``) classifying through an exported file: ONNX with ONNX Runtime, TorchScript
-    with torch."""
-    model.net = OnnxNet(path) if str(path).endswith(".onnx") else TorchScriptNet(path)
-    return model
-
-
-def load_exported(path: str | Path) -> tuple[list[str], Preprocessing]:
-    """The classes and preprocessing written beside an exported model."""
-    if is_remote(path):
-        raise ConfigError(f"--ckpt_path {path}: an exported model is read from a local folder, with the "
-                          "class_indices.json and preprocessing.json beside it; copy that folder here and give its "
-                          "path")
-    folder = Path(path).parent
-    try:
-        classes = json.loads((folder / "class_indices.json").read_text(encoding="utf-8"))
-        pre = Preprocessing.from_sidecar(folder / "preprocessing.json")
-        names = [classes[str(i)] for i in range(len(classes))]
-    except (OSError, ValueError, KeyError, ConfigError) as err:
-        raise ConfigError(
-            f"--ckpt_path {path}: class_indices.json and preprocessing.json must lie beside the exported model ({err})"
-        ) from None
-    return check_class_names(names, str(folder / "class_indices.json")), pre
-
-
 def default_out_dir(ckpt_path) -> Path:
     """The run's ``export/`` folder for a checkpoint of a run, else the checkpoint's folder."""
     if is_remote(ckpt_path):
@@ -167,8 +103,9 @@ def export(ckpt_path: Path | str, fmt: str, out_dir: Path | None = None, images:
     files an earlier export left in ``out_dir``: they belong to another model. Files get the permissions of the
     user's umask, as any file they create.
     """
-    checkpoint = read_checkpoint(ckpt_path, trusted)
-    model, preprocessing = ImageClassifier.for_inference(ckpt_path, checkpoint=checkpoint)
+    checkpoint = read_checkpoint(ckpt_path, trusted)  # once: the model, its preprocessing and its data's folder
+    model = InferenceModel.from_checkpoint(checkpoint, str(ckpt_path))
+    preprocessing = model.preprocessing
     net = model.net.float().eval().to(memory_format=torch.contiguous_format)
     out_dir = default_out_dir(ckpt_path) if out_dir is None else out_dir
     path = out_dir / FORMATS[fmt]
@@ -259,7 +196,7 @@ def export_command(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     check_quantize_options(args.format, args.quantize, args.min_agreement, args.calibration_images,
                            args.min_overall_agreement)
-    from sedense.runs import resolve_ckpt_path
+    from sedense.checkpoints import resolve_ckpt_path
 
     export(resolve_ckpt_path(args.ckpt_path), args.format, args.out, args.images, trusted=not args.weights_only,
            quantize=args.quantize, calibration_data=args.calibration_data, eval_data=args.eval_data,

@@ -1,9 +1,6 @@
-"""The learning-rate schedule: a linear warm-up, then a cosine from ``lr`` down to ``lr * lrf``.
-
-The cosine follows the *progress* of training, a fraction from 0 to 1. With an epoch count it is the steps
-done over the steps planned. With a time budget it comes from a :class:`TimePlan`, remade at the end of
-every epoch from the measured epoch times, so that the last epoch that fits in the budget ends exactly at
-the schedule's floor, on a fast machine (more epochs) as on a slow one (fewer).
+"""A time budget's plan: the epochs that fit, remade at the end of every epoch from the measured epoch times, so
+that the last epoch that fits in the budget ends exactly at the schedule's floor, on a fast machine (more epochs) as
+on a slow one (fewer).
 
 Why a plan remade from epoch times, and not the elapsed time itself: an elapsed-time schedule would move the
 learning rate with every pause of the machine (a validation, a checkpoint, another program), and it ends
@@ -27,47 +24,7 @@ from __future__ import annotations
 
 import bisect
 import math
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-
-import torch
-from torch.optim import Optimizer
-from torch.optim.lr_scheduler import LRScheduler
-
-
-def cosine_factor(progress: float, lrf: float) -> float:
-    """From 1 at progress 0 to ``lrf`` at progress 1, along half a cosine."""
-    p = min(max(progress, 0.0), 1.0)
-    return lrf + (1 - lrf) * 0.5 * (1 + math.cos(math.pi * p))
-
-
-class WarmupCosine(LRScheduler):
-    """Linear warm-up from 1% over ``warmup_steps``, then :func:`cosine_factor` of ``progress(step)``.
-
-    Every parameter group is scheduled from its own ``initial_lr``, also groups added during training
-    (a backbone unfrozen later joins the schedule where it stands).
-    """
-
-    def __init__(self, optimizer: Optimizer, warmup_steps: int, lrf: float, progress: Callable[[int], float]) -> None:
-        self.warmup_steps, self.lrf, self.progress = int(warmup_steps), float(lrf), progress
-        super().__init__(optimizer)
-
-    def factor(self, step: int) -> float:
-        if step < self.warmup_steps:
-            return 0.01 + 0.99 * step / self.warmup_steps
-        return cosine_factor(self.progress(step), self.lrf)
-
-    def get_lr(self) -> list[float]:
-        factor = self.factor(self.last_epoch)
-        return [group.setdefault("initial_lr", group["lr"]) * factor for group in self.optimizer.param_groups]
-
-    def state_dict(self) -> dict:
-        return {k: v for k, v in super().state_dict().items() if k != "progress"}  # a function: not saved
-
-
-def epoch_progress(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
-    """Progress of a run of ``total_steps`` steps, counted after the warm-up."""
-    return lambda step: (step - warmup_steps) / max(total_steps - warmup_steps, 1)
 
 
 @dataclass
@@ -276,48 +233,3 @@ class StepTimes:
         if typical is None:  # nothing to compare with: all of the epoch is planned with
             return 0.0
         return sum(max(s - typical, 0.0) for s in self.firsts)
-
-
-def ema_update(decay: float, warmup: bool = False) -> Callable:
-    """The averaging step of an exponential moving average of the weights, over all tensors at once (the
-    ``multi_avg_fn`` of ``torch.optim.swa_utils.AveragedModel``, given the tensors of one device and dtype).
-
-    With ``warmup`` the ``n``-th update uses ``min(decay, (1 + n) / (10 + n))``: the average starts by following
-    the weights closely and settles to ``decay``, instead of keeping the random initial weights for thousands of
-    steps (at decay 0.997, 22% of the average after 500 steps is still the first weights). Integer buffers (a
-    BatchNorm's count of batches) are copied. One multi-tensor operation for each step of the formula, rather than
-    three for each of the network's hundreds of tensors from Python: for the recipe's network on a 2-core CPU 35-38 ms
-    a step instead of 79-93 (benchmarks/bench_update.py).
-    """
-
-    def update(averages: list, currents: list, n_averaged) -> None:
-        if not averages[0].is_floating_point():
-            torch._foreach_copy_(averages, currents)
-            return
-        n = n_averaged.float()  # float32 on every device (MPS has no float64)
-        d = ((1 + n) / (10 + n)).clamp(max=decay) if warmup else torch.full_like(n, decay)
-        weight = (1 - d).to(averages[0].dtype)  # a tensor: no device sync
-        steps = torch._foreach_sub(currents, averages)
-        torch._foreach_mul_(steps, weight)
-        torch._foreach_add_(averages, steps)
-
-    return update
-
-
-def progressive_size(full: int, start: float, progress: float) -> int:
-    """The training image side at ``progress``: from ``start * full`` to ``full`` at progress 0.75, in 16 px steps."""
-    scale = start + (1 - start) * min(max(progress, 0.0) / 0.75, 1.0)
-    return min(full, max(16, int(round(full * scale / 16)) * 16))
-
-
-def progressive_sizes(full: int, start: float) -> list[int]:
-    """Every side that ``progressive_size`` gives over a run, smallest first: each 16-px step up to the last."""
-    first, last = progressive_size(full, start, 0.0), progressive_size(full, start, 1.0)
-    return [*range(first, last, 16), last]
-
-
-def resized(x: torch.Tensor, size: int) -> torch.Tensor:
-    """A batch of images resized to ``size`` x ``size`` (antialiased), or ``x`` itself when it is that size already."""
-    if x.shape[-1] == size and x.shape[-2] == size:
-        return x
-    return torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)

@@ -56,8 +56,9 @@ import torch
 
 from sedense.data.folders import match_classes, scan_class_folders, scan_dataset
 from sedense.data.images import filter_images, list_images, readable_inputs, skipped_note
+from sedense.deploy.inference import onnx_session
+from sedense.deploy.int8_graph import equalize, integer_graph
 from sedense.errors import ConfigError, DataError, SedenseError, require_extra
-from sedense.int8_graph import equalize, integer_graph
 from sedense.preprocessing import Preprocessing
 from sedense.runs import TMP_SUFFIX, write_file
 
@@ -136,8 +137,6 @@ def tensors_of(model, names: list[str], files: list[Path], pre: Preprocessing):
     """The float ``model``'s tensors ``names`` on the images ``files``, a batch at a time."""
     import onnx
 
-    from sedense.export import onnx_session
-
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     probe.graph.output.extend(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in names)
@@ -179,8 +178,6 @@ def quantize_int8(fp32: Path, out: Path, files: list[Path], pre: Preprocessing,
 
 def compare(fp32: Path, int8: Path, labelled: list[tuple[Path, int]], pre: Preprocessing) -> dict:
     """Accuracy of both models on the readable images of ``labelled`` and how often they agree on the top class."""
-    from sedense.export import onnx_session
-
     sessions = [onnx_session(fp32), onnx_session(int8)]
     logits: list[list[np.ndarray]] = [[], []]
     kept: list[int] = []

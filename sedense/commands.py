@@ -1,0 +1,109 @@
+"""The ``sedense`` command: its subcommands, one line each, and how every one of them ends (exit codes, one line)."""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+
+from lightning.pytorch.utilities import rank_zero_only
+
+from sedense.callbacks.run_guard import RunGuard
+from sedense.errors import STORAGE_ERRNOS, SedenseError, StorageError
+
+# LightningCLI's subcommands, then sedense's own: each with the line `sedense --help` shows.
+LIGHTNING = {
+    "fit": "train a classifier on a labelled folder (or resume one with --ckpt_path last)",
+    "validate": "score a checkpoint on the validation images of its data",
+    "test": "score a checkpoint on a labelled test folder, with a per-class table",
+    "predict": "classify new photos with a checkpoint or an exported model",
+}
+OWN = {
+    "export": "write a checkpoint as ONNX (optionally INT8) or TorchScript, checked against PyTorch",
+    "serve": "an HTTP service with a page to try the model",
+    "optimize": "write a labelled folder as LitData chunks to stream from",
+    "digits": "write scikit-learn's handwritten digits as an image folder (the demo's data)",
+}
+
+
+def own_command(name: str):
+    """The entry point of one of sedense's own commands, imported when it is run."""
+    if name == "export":
+        from sedense.deploy.export import export_command
+
+        return export_command
+    if name == "serve":
+        from sedense.deploy.serve import serve_command
+
+        return serve_command
+    if name == "optimize":
+        from sedense.data.streaming import optimize_command
+
+        return optimize_command
+    from sedense.data.digits import digits_command
+
+    return digits_command
+
+
+def overview() -> str:
+    width = max(map(len, {**LIGHTNING, **OWN}))
+    lines = ["usage: sedense COMMAND [options]", "",
+             "Train, evaluate and run SE-DenseNet / DenseNet image classifiers.", "", "commands:"]
+    lines += [f"  {name:<{width}}  {line}" for name, line in {**LIGHTNING, **OWN}.items()]
+    lines += ["", "sedense COMMAND --help lists a command's options; --config FILE.yaml reads them from a file."]
+    return "\n".join(lines)
+
+
+def _stop(message: str, code: int) -> None:
+    """End the command with one line on stderr (printed by the first process only)."""
+    if rank_zero_only.rank == 0:
+        print(f"sedense: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(code)
+
+
+def _thread_errors(args) -> None:
+    """A background writer's full-disk error (TensorBoard's) reaches the main thread too: report it once, there."""
+    if isinstance(args.exc_value, OSError) and args.exc_value.errno in STORAGE_ERRNOS:
+        return
+    threading.__excepthook__(args)
+
+
+def main(args: list[str] | None = None) -> None:
+    """Entry point of the ``sedense`` command."""
+    argv = list(sys.argv[1:] if args is None else args)
+    guard = RunGuard()
+    threading.excepthook = _thread_errors
+    done = False
+    try:
+        if not argv or argv[0] in ("-h", "--help"):
+            print(overview())
+        elif argv[0] in OWN:
+            own_command(argv[0])(argv[1:])
+        elif argv[0] in LIGHTNING or argv[0].startswith("-"):  # LightningCLI's options before the subcommand
+            from sedense.cli import cli_main
+
+            cli_main(args, guard=guard)  # None: LightningCLI reads sys.argv itself
+        else:
+            raise SedenseError(f"unknown command {argv[0]!r}; the commands are {', '.join([*LIGHTNING, *OWN])} "
+                               "(sedense --help says what each does)")
+        done = True
+    except SedenseError as err:
+        _stop(f"error: {err}", err.exit_code)
+    except KeyboardInterrupt:
+        _stop("interrupted" + (f"; {guard.note}" if guard.note else ""), 130)
+    except SystemExit as exit_:
+        done = exit_.code in (0, None)
+        if guard.interrupted and not done:  # Lightning ends an interrupted run with exit(1)
+            _stop("interrupted" + (f"; {guard.note}" if guard.note else ""), 130)
+        raise
+    except OSError as err:
+        if err.errno in STORAGE_ERRNOS:  # raised by a library (TensorBoard, fsspec) rather than through write_file
+            _stop(f"error: {StorageError(err.filename or guard.folder or os.getcwd(), err)}", 1)
+        raise
+    finally:
+        if not done:
+            guard.remove_if_unused()
+
+
+if __name__ == "__main__":
+    main()
