@@ -16,7 +16,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.cloud_io import get_filesystem
 
 from sedense.errors import ConfigError, first_line
-from sedense.runs import RUN_DIR, Location, is_remote, join, runs_under, say, write_file
+from sedense.runs import RUN_DIR, Location, is_remote, path_join, print_once, runs_under, write_file
 
 
 def is_torchscript(path) -> bool:
@@ -98,7 +98,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 def training_runs(root_dir: Location = ".") -> list[tuple[int, Location]]:
     """The runs of ``sedense fit`` (those with a ``checkpoints/`` folder), newest first."""
     fs = get_filesystem(str(root_dir))
-    return [(n, folder) for n, folder in runs_under(root_dir) if fs.isdir(str(join(folder, "checkpoints")))]
+    return [(n, folder) for n, folder in runs_under(root_dir) if fs.isdir(str(path_join(folder, "checkpoints")))]
 
 
 def _load_meta(path: Location) -> dict:
@@ -144,10 +144,10 @@ def best_checkpoint(ckpt_dir: Location) -> tuple[Location, dict]:
     names = {e["name"].rstrip("/").rsplit("/", 1)[-1] for e in files}
     newest = "last.ckpt" if "last.ckpt" in names else max(files, key=lambda e: e.get("mtime") or e.get("created") or 0)[
         "name"].rsplit("/", 1)[-1]
-    for record in checkpoint_record(_load_meta(join(ckpt_dir, newest))):
+    for record in checkpoint_record(_load_meta(path_join(ckpt_dir, newest))):
         name = record["best_model_path"].replace("\\", "/").rsplit("/", 1)[-1]
         if name in names:
-            return join(ckpt_dir, name), record
+            return path_join(ckpt_dir, name), record
     raise ConfigError(
         f"--ckpt_path best: the checkpoints in {ckpt_dir} record no best checkpoint that still exists "
         "(no validation ran, or the file was removed); give a checkpoint file"
@@ -158,7 +158,7 @@ def has_checkpoint(ckpt_dir: Location, alias: str) -> bool:
     """Whether a run's ``checkpoints/`` folder holds ``last.ckpt`` (alias ``last``) or any checkpoint (``best``)."""
     fs = get_filesystem(str(ckpt_dir))
     if alias == "last":
-        return fs.isfile(str(join(ckpt_dir, "last.ckpt")))
+        return fs.isfile(str(path_join(ckpt_dir, "last.ckpt")))
     return any(e["type"] == "file" and e["name"].endswith(".ckpt") for e in fs.ls(str(ckpt_dir), detail=True))
 
 
@@ -168,26 +168,26 @@ def find_checkpoint(alias: str, root_dir: Location = ".") -> Location:
     runs = training_runs(root_dir)
     if not runs:
         raise ConfigError(
-            f"--ckpt_path {alias}: no training run under {join(root_dir, 'lightning_logs')}; "
+            f"--ckpt_path {alias}: no training run under {path_join(root_dir, 'lightning_logs')}; "
             "train one with `sedense fit` or give the checkpoint's path"
         )
-    passed = [folder for _, folder in runs if not has_checkpoint(join(folder, "checkpoints"), alias)]
+    passed = [folder for _, folder in runs if not has_checkpoint(path_join(folder, "checkpoints"), alias)]
     found = [folder for _, folder in runs if folder not in passed]
     what = "last.ckpt" if alias == "last" else "checkpoint"
     if not found:
-        raise ConfigError(f"--ckpt_path {alias}: no training run under {join(root_dir, 'lightning_logs')} has a "
+        raise ConfigError(f"--ckpt_path {alias}: no training run under {path_join(root_dir, 'lightning_logs')} has a "
                           f"{what} yet (each stopped before its first epoch ended); give a checkpoint file")
     folder = found[0]
     newer = [f for f in passed if run_number(f) > run_number(folder)]
     skipped = f"; passed over {', '.join(map(str, newer))}, which has no {what}" if newer else ""
-    ckpt_dir = join(folder, "checkpoints")
+    ckpt_dir = path_join(folder, "checkpoints")
     if alias == "last":
-        path = join(ckpt_dir, "last.ckpt")
-        say(f"Using {path}, the last checkpoint of the newest training run{skipped}")
+        path = path_join(ckpt_dir, "last.ckpt")
+        print_once(f"Using {path}, the last checkpoint of the newest training run{skipped}")
         return path
     path, record = best_checkpoint(ckpt_dir)
     score = "" if record["best_model_score"] is None else f", {record['monitor']}={record['best_model_score']:.4f}"
-    say(f"Using {path}, the best checkpoint of the newest training run{score}{skipped}")
+    print_once(f"Using {path}, the best checkpoint of the newest training run{score}{skipped}")
     return path
 
 

@@ -16,7 +16,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from sedense.callbacks import FreezeBackbone, PredictionWriter, ReportWriter
-from sedense.callbacks.prediction import prediction_manifest, unfinished_prediction
+from sedense.callbacks.prediction_state import prediction_manifest, unfinished_prediction
 from sedense.callbacks.run_guard import RunGuard
 from sedense.callbacks.runfiles import RunFiles
 from sedense.checkpoints import AtomicCheckpointIO, read_checkpoint, resolve_ckpt_path, run_version
@@ -26,7 +26,7 @@ from sedense.errors import ConfigError
 from sedense.models.pretrained import official_weights
 from sedense.module import ImageClassifier
 from sedense.preprocessing import Preprocessing
-from sedense.runs import is_remote, join, run_dir, say
+from sedense.runs import is_remote, path_join, print_once, run_dir
 from sedense.trainer import Trainer
 
 # Model options that change how a trained model evaluates, not what it is: a value given on the command line
@@ -131,7 +131,7 @@ class SedenseCLI(LightningCLI):
             saved = Preprocessing.from_checkpoint(self.checkpoint)
             unused = replaced_preprocessing(cfg.data.preprocessing, saved)
             if unused:
-                say(f"data.preprocessing: {', '.join(unused)}: {sub} uses the checkpoint's, how the model was "
+                print_once(f"data.preprocessing: {', '.join(unused)}: {sub} uses the checkpoint's, how the model was "
                     "trained to see its images (to evaluate at a larger size than it trains on, fit with "
                     "data.train_image_size)")
             cfg.data.preprocessing = Namespace(**saved.to_dict())
@@ -179,7 +179,7 @@ class SedenseCLI(LightningCLI):
     def _continue_run(self, cfg, logs, version: int, message: str | None) -> None:
         """Write this run into ``logs/version_<version>`` (the run it continues), through the logger's arguments."""
         root = default_root_dir(cfg)
-        if not same_location(join(root, "lightning_logs"), logs):
+        if not same_location(path_join(root, "lightning_logs"), logs):
             return  # a run of another root folder: this one starts a new run of its own, as usual
         logger = cfg.trainer.get("logger")
         if logger in (None, True):  # the Trainer's own default logger, with the run's version
@@ -189,7 +189,7 @@ class SedenseCLI(LightningCLI):
             logger.init_args.version = version
         else:
             return
-        self.resume_message = message.format(join(logs, f"version_{version}")) if message else None
+        self.resume_message = message.format(path_join(logs, f"version_{version}")) if message else None
 
     def instantiate_classes(self) -> None:
         super().instantiate_classes()
@@ -204,7 +204,7 @@ class SedenseCLI(LightningCLI):
 
     def before_fit(self) -> None:
         if self.resume_message:
-            say(self.resume_message)
+            print_once(self.resume_message)
 
     def after_fit(self) -> None:
         ckpt = self.trainer.checkpoint_callback

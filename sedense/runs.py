@@ -29,7 +29,7 @@ Location = Path | str  # a local path, or the URL of a remote file
 
 
 @rank_zero_only
-def say(message: str) -> None:
+def print_once(message: str) -> None:
     """Print a line for the user, once (on the first process of a multi-process run)."""
     print(message, flush=True)
 
@@ -40,7 +40,7 @@ def is_remote(path: Location) -> bool:
     return "://" in str(path) and not str(path).startswith("file://")
 
 
-def join(folder: Location, *names: str) -> Location:
+def path_join(folder: Location, *names: str) -> Location:
     """``folder/name/…`` for a local folder (a ``Path``) or a remote one (a URL)."""
     if is_remote(folder):
         return "/".join([str(folder).rstrip("/"), *names])
@@ -175,7 +175,7 @@ def run_dir(trainer) -> Location:
 def runs_under(root_dir: Location = ".") -> list[tuple[int, Location]]:
     """``(N, …/lightning_logs/version_N)`` for every run under ``root_dir``, newest first."""
     fs = get_filesystem(str(root_dir))
-    base = join(root_dir, "lightning_logs")
+    base = path_join(root_dir, "lightning_logs")
     if not fs.isdir(str(base)):
         return []
     runs = []
@@ -183,5 +183,5 @@ def runs_under(root_dir: Location = ".") -> list[tuple[int, Location]]:
         name = entry["name"].rstrip("/").rsplit("/", 1)[-1]
         match = RUN_DIR.fullmatch(name)
         if match and entry["type"] == "directory":
-            runs.append((int(match.group(1)), join(base, name)))
+            runs.append((int(match.group(1)), path_join(base, name)))
     return sorted(runs, key=lambda r: r[0], reverse=True)

@@ -9,7 +9,7 @@ import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 
 from sedense.errors import ConfigError
-from sedense.runs import say
+from sedense.runs import print_once
 
 CPU_BF16_FLAGS = {"avx512_bf16": "AVX-512 BF16", "amx_bf16": "AMX"}
 
@@ -54,7 +54,7 @@ class Trainer(L.Trainer):
     def __init__(self, *args, precision: str | int | None = "auto", **kwargs) -> None:
         if precision == "auto":
             precision, why = automatic_precision(kwargs.get("accelerator"))
-            say(f"Precision: {precision}, chosen automatically: {why}")
+            print_once(f"Precision: {precision}, chosen automatically: {why}")
         try:
             super().__init__(*args, precision=precision, **kwargs)
         except (MisconfigurationException, ValueError) as err:

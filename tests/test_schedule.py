@@ -79,7 +79,7 @@ def test_the_steps_one_off_costs_are_not_planned_with():
     assert steps.one_off() == 0.0
 
 
-def run_against_clock(step_seconds, budget: float, hurry: bool, steps_per_epoch: int = 10, lrf: float = 0.01,
+def run_against_clock(step_seconds, budget: float, hold: bool, steps_per_epoch: int = 10, lrf: float = 0.01,
                       end_seconds=lambda epoch, plan: 0.0):
     """Steps against a clock that stops the run at ``budget`` (checked after every step, as Lightning's Timer does);
     ``step_seconds(epoch, plan)`` is how long a step takes, ``end_seconds(epoch, plan)`` the work after an epoch's
@@ -92,8 +92,9 @@ def run_against_clock(step_seconds, budget: float, hurry: bool, steps_per_epoch:
             used += step_seconds(epoch, plan)
             opt.step()
             scheduler.step()
-            if hurry:  # at this epoch's mean step, as the module does
-                plan.hurry(scheduler.last_epoch, budget - used, (used - start) / done, (epoch + 1) * steps_per_epoch)
+            if hold:  # at this epoch's mean step, as the module does
+                plan.hold_to_clock(scheduler.last_epoch, budget - used, (used - start) / done,
+                                   (epoch + 1) * steps_per_epoch)
             if used >= budget:
                 return opt.param_groups[0]["lr"], epoch + 1, used
         after = end_seconds(epoch, plan)
@@ -108,12 +109,12 @@ def stalls_in_the_last_epoch(epoch: int, plan: TimePlan) -> float:
 
 
 def test_a_machine_that_stalls_in_the_last_epoch_still_ends_at_the_floor():
-    steady, _, _ = run_against_clock(lambda e, plan: 0.1, budget=30.0, hurry=True)
+    steady, _, _ = run_against_clock(lambda e, plan: 0.1, budget=30.0, hold=True)
     assert steady == pytest.approx(0.01)  # the plan alone ends at the floor; holding it to the clock changes nothing
-    assert run_against_clock(lambda e, plan: 0.1, budget=30.0, hurry=False)[0] == steady
-    cut, epochs, used = run_against_clock(stalls_in_the_last_epoch, budget=30.0, hurry=False)
+    assert run_against_clock(lambda e, plan: 0.1, budget=30.0, hold=False)[0] == steady
+    cut, epochs, used = run_against_clock(stalls_in_the_last_epoch, budget=30.0, hold=False)
     assert cut > 0.0105 and used >= 30.0  # without it the budget stops the run above the floor
-    held, epochs, used = run_against_clock(stalls_in_the_last_epoch, budget=30.0, hurry=True)
+    held, epochs, used = run_against_clock(stalls_in_the_last_epoch, budget=30.0, hold=True)
     assert held == pytest.approx(0.01) and used >= 30.0  # stopped by the budget, at the floor
 
 
@@ -122,7 +123,7 @@ def test_a_machine_that_stalls_in_the_last_epoch_still_ends_at_the_floor():
 def test_whenever_a_machine_slows_down_the_run_ends_at_the_floor(slow_from, factor):
     # Late slowdowns leave no room for a whole epoch more while the cosine is still above its floor: the plan
     # then runs one more, which the clock check bends to the floor (the budget may stop it in the middle).
-    lr, epochs, used = run_against_clock(lambda e, plan: 0.1 if e < slow_from else 0.1 * factor, 30.0, hurry=True)
+    lr, epochs, used = run_against_clock(lambda e, plan: 0.1 if e < slow_from else 0.1 * factor, 30.0, hold=True)
     assert lr == pytest.approx(0.01) and used < 30.0 + 0.1 * factor
 
 
@@ -140,7 +141,7 @@ def test_one_slow_epoch_near_the_end_still_ends_at_the_floor(slowed, factor):
             return lambda epoch, plan: seconds * (factor if epoch == slow else 1.0)
 
         steps = times(step) if slowed == "steps and validation" else (lambda epoch, plan: step)
-        lr, epochs, used = run_against_clock(steps, 8.0, hurry=True, steps_per_epoch=2, end_seconds=times(end))
+        lr, epochs, used = run_against_clock(steps, 8.0, hold=True, steps_per_epoch=2, end_seconds=times(end))
         assert lr == pytest.approx(0.01) or used >= 8.0, f"slow epoch {slow}: ended at {lr:.4f} after {used:.2f} s"
 
 

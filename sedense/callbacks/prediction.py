@@ -13,10 +13,10 @@ from typing import Literal
 
 import lightning as L
 import torch
-from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.callbacks import BasePredictionWriter
 
 from sedense import reports
+from sedense.callbacks.common import from_every_process, stage_dataset
 from sedense.callbacks.outputs import (
     annotate_image,
     annotated_suffix,
@@ -25,92 +25,19 @@ from sedense.callbacks.outputs import (
     place_file,
     with_suffix_unique,
 )
+from sedense.callbacks.prediction_state import JOURNAL, STATE_FILE, drop_partial_line, input_stamp
 from sedense.data.datasets import UNREADABLE
 from sedense.deploy.explain import grad_cam_overlays, require_grad_cam
 from sedense.errors import ConfigError
 from sedense.runs import (
     is_remote,
-    join,
+    path_join,
+    print_once,
     remove_stale_temporaries,
     run_dir,
-    runs_under,
-    say,
     write_file,
     write_file_list,
 )
-
-
-def drop_partial_line(path: Path, block: int = 4096) -> None:
-    """Cut a journal back to its last whole line: a write cut off by a full disk or a kill leaves part of a row,
-    and the next row appended to it would make both unreadable. Reads the file's tail only."""
-    try:
-        f = open(path, "r+b")  # noqa: SIM115 - closed below; a missing file has nothing to cut
-    except FileNotFoundError:
-        return
-    with f:
-        end = f.seek(0, os.SEEK_END)
-        position = end
-        while position > 0:
-            start = max(0, position - block)
-            f.seek(start)
-            tail = f.read(position - start)
-            cut = tail.rfind(b"\n")
-            if cut >= 0:
-                if start + cut + 1 != end:
-                    f.truncate(start + cut + 1)
-                return
-            position = start
-        f.truncate(0)
-
-
-def input_stamp(path) -> list[int] | None:
-    """An input's size and modification time: a row predicted from another version of the file is not reused."""
-    try:
-        stat = os.stat(path)
-    except OSError:
-        return None
-    return [stat.st_size, stat.st_mtime_ns]
-
-STATE_FILE = "predict_state.json"  # what this prediction is (to continue it), and whether it finished
-JOURNAL = "predictions.partial"  # one `<JOURNAL>.<rank>.jsonl` per process, a line per image, while predicting
-
-
-def file_digest(path) -> str:
-    """The SHA-256 of a file's content, read a megabyte at a time."""
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-def prediction_manifest(model_file, spec: str, preprocessing: dict, tta, writer: dict) -> dict:
-    """What makes two predictions the same: model file (its content), inputs, preprocessing and every writer option."""
-    local = spec and not is_remote(spec) and Path(spec).exists()
-    stat = Path(model_file).stat() if model_file and not is_remote(model_file) else None
-    return json.loads(json.dumps({
-        "model": str(Path(model_file).resolve()) if stat else model_file,
-        "model_size": stat.st_size if stat else None,
-        "model_sha256": file_digest(model_file) if stat else None,
-        "inputs": str(Path(spec).resolve()) if local else spec,
-        "preprocessing": preprocessing,
-        "tta": tta,
-        "writer": writer,
-    }, default=str))
-
-
-def unfinished_prediction(root, manifest: dict):
-    """``(lightning_logs, N)`` of the newest run under ``root`` of this same prediction if it did not finish."""
-    for version, folder in runs_under(root):
-        state_path = join(folder, STATE_FILE)
-        fs = get_filesystem(str(state_path))
-        if not fs.isfile(str(state_path)):
-            continue
-        try:
-            with fs.open(str(state_path), "r") as f:
-                state = json.load(f)
-        except (OSError, ValueError):
-            continue
-        if state.get("manifest") == manifest:
-            return None if state.get("complete") else (join(root, "lightning_logs"), version)
-    return None
 
 
 class PredictionWriter(BasePredictionWriter):
@@ -201,15 +128,16 @@ class PredictionWriter(BasePredictionWriter):
         if trainer.is_global_zero:
             self.previous = set(self._read_journals())
             if self.manifest is not None:
-                write_file(join(self.folder, STATE_FILE), json.dumps({"manifest": self.manifest, "complete": False}))
+                state = json.dumps({"manifest": self.manifest, "complete": False})
+                write_file(path_join(self.folder, STATE_FILE), state)
         done = trainer.strategy.broadcast(self.previous if trainer.is_global_zero else None)
         skipped = data.skip_predicted(done) if done and hasattr(data, "skip_predicted") else 0
         if skipped == len(self.files):
-            say(f"Continuing the interrupted prediction in {self.folder}: all {skipped} images were predicted before "
-                "it stopped; writing the final files")
+            print_once(f"Continuing the interrupted prediction in {self.folder}: all {skipped} images were predicted "
+                       "before it stopped; writing the final files")
         elif skipped:
-            say(f"Continuing the interrupted prediction in {self.folder}: {skipped} of {len(self.files)} images were "
-                f"predicted before it stopped; predicting the other {len(self.files) - skipped}")
+            print_once(f"Continuing the interrupted prediction in {self.folder}: {skipped} of {len(self.files)} images "
+                       f"were predicted before it stopped; predicting the other {len(self.files) - skipped}")
         if self.sort_into is not None and trainer.is_global_zero:
             for dirpath, _, _ in os.walk(self.sort_into):
                 remove_stale_temporaries(dirpath)
@@ -249,8 +177,7 @@ class PredictionWriter(BasePredictionWriter):
     # ----------------------------------------------------------------------------- each batch
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
         targets, indices = batch[1].tolist(), batch[2].tolist()
-        dataset = (trainer.predict_dataloaders[0] if isinstance(trainer.predict_dataloaders, list)
-                   else trainer.predict_dataloaders).dataset
+        dataset = stage_dataset(trainer.predict_dataloaders)
         names = pl_module.class_names
         keep, lines = [], []
         for row, (target, index) in enumerate(zip(targets, indices)):
@@ -285,18 +212,13 @@ class PredictionWriter(BasePredictionWriter):
     def _explain(self, trainer: L.Trainer, pl_module: L.LightningModule, x: torch.Tensor, paths: list[Path]) -> None:
         """Grad-CAM of the top class at the network's last feature map, laid over each input."""
         for overlay, path in zip(grad_cam_overlays(pl_module.net, x, pl_module.preprocessing), paths):
-            dst = join(self.folder, "explained", *self.explained[str(path)].parts)
+            dst = path_join(self.folder, "explained", *self.explained[str(path)].parts)
             write_file(dst, reports.png_bytes(overlay))
 
     # ----------------------------------------------------------------------------- the end
     def _gather(self, trainer: L.Trainer) -> tuple[list[str], list[str]]:
-        lines, failed = self.lines, self.failed
-        if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
-            parts: list = [None] * trainer.world_size
-            torch.distributed.all_gather_object(parts, (lines, failed))
-            lines = [line for part in parts for line in part[0]]
-            failed = [f for part in parts for f in part[1]]
-        return lines, failed
+        parts = from_every_process(trainer, (self.lines, self.failed))
+        return [line for part in parts for line in part[0]], [f for part in parts for f in part[1]]
 
     def on_predict_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self.finished:
@@ -316,21 +238,21 @@ class PredictionWriter(BasePredictionWriter):
         folder, k = self.folder, min(self.top_k, len(pl_module.class_names))
         count = sum(str(path) in rows for path in self.files)
         errors = list(trainer.datamodule.predict_errors) + [(p, "cannot be decoded") for p in sorted(set(failed))]
-        written = [join(folder, "predictions.csv"), join(folder, "predictions.json")]
+        written = [path_join(folder, "predictions.csv"), path_join(folder, "predictions.json")]
         write_file(written[0], self._csv_chunks(rows, k))
         write_file(written[1], self._json_chunks(rows))
         if errors:
-            written.append(join(folder, "predict_errors.csv"))
+            written.append(path_join(folder, "predict_errors.csv"))
             write_file_list(written[-1], errors)
         if self.manifest is not None:
-            write_file(join(folder, STATE_FILE), json.dumps({"manifest": self.manifest, "complete": True,
+            write_file(path_join(folder, STATE_FILE), json.dumps({"manifest": self.manifest, "complete": True,
                                                              "images": count}))
         if not is_remote(folder):
             for path in Path(folder).glob(f"{JOURNAL}.*.jsonl"):
                 path.unlink()
-        written += [join(folder, d) for d, on in (("annotated", self.annotate), ("explained", self.explain)) if on]
+        written += [path_join(folder, d) for d, on in (("annotated", self.annotate), ("explained", self.explain)) if on]
         written += [self.sort_into] if self.sort_into is not None else []
-        listed = join(folder, "predict_errors.csv")
+        listed = path_join(folder, "predict_errors.csv")
         skipped = f"; skipped {len(errors)} unreadable file(s), listed in {listed}" if errors else ""
         print(f"Predicted {count} image{'' if count == 1 else 's'}{skipped}")
         print("Wrote " + ", ".join(str(p) for p in written))

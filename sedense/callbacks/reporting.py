@@ -6,17 +6,17 @@ import contextlib
 import functools
 import time
 import warnings
-from collections.abc import Callable
 
 import lightning as L
-import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassConfusionMatrix
 
 from sedense import reports
+from sedense.callbacks.evaluation_report import EvaluationReport
+from sedense.callbacks.pictures import PictureQueue
 from sedense.errors import ConfigError
-from sedense.runs import join, run_dir, write_file
+from sedense.runs import path_join, run_dir, write_file
 
 STAGES = ("train", "val", "test")
 
@@ -32,11 +32,10 @@ class ReportWriter(L.Callback):
     and ``test`` write ``metrics_{val,test}.json``, ``confusion_matrix_{val,test}.*`` and
     ``worst_{val,test}.png`` (the most confidently wrong images), and print a per-class table.
 
-    The pictures of ``fit`` (curves and confusion matrices, also sent to TensorBoard) cost far more than the
-    numbers: about 1.7 s an epoch on a 2-core CPU, time taken from a budgeted run's training, and most of a
-    small dataset's epoch. So the numbers (JSON, CSV, TensorBoard scalars) are written every epoch, the
-    pictures whenever drawing them keeps within ``picture_share`` of the training time; those of the latest
-    and of the best epoch are always drawn when the run ends, also when it is interrupted or fails.
+    The numbers (JSON, CSV, TensorBoard scalars) are written every epoch, the pictures as often as they keep
+    within ``picture_share`` of the training time (:class:`~sedense.callbacks.pictures.PictureQueue`); those of
+    the latest and of the best epoch are always drawn when the run ends, also when it is interrupted or fails.
+    The validate/test reports are :class:`~sedense.callbacks.evaluation_report.EvaluationReport`'s job.
 
     The writer keeps its own confusion matrices and mean losses (torchmetrics, synchronised across
     processes), fed by the step outputs. A validation is recorded as soon as it ends, and every
@@ -54,11 +53,10 @@ class ReportWriter(L.Callback):
     def __init__(self, worst_images: int = 16, preview_images: int = 16, picture_share: float = 0.02) -> None:
         if not 0 <= picture_share <= 1:
             raise ConfigError(f"reports.picture_share must be between 0 and 1, got {picture_share}")
-        self.worst_images = worst_images
         self.preview_images = preview_images
         self.picture_share = picture_share
-        self._pictures: dict[str, Callable[[], None]] = {}  # output stem -> its drawing, latest wins
-        self._drawing_seconds, self._pictures_drawn = 0.0, 0
+        self.pictures = PictureQueue(picture_share)
+        self.evaluation = EvaluationReport(worst_images)
         self.history: dict[str, dict] = {}
         self.rows: list[dict] = []
         self.best_valid: dict | None = None  # "valid info" of the best epoch so far
@@ -68,7 +66,6 @@ class ReportWriter(L.Callback):
         self._restored: dict | None = None  # synchronised counts of an unfinished epoch, from a checkpoint
         self._metrics: dict = {}
         self._preview_done = False
-        self._worst: list = []
 
     # ----------------------------------------------------------------------------- state
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -79,7 +76,7 @@ class ReportWriter(L.Callback):
         if stage == "fit":  # before a resumed checkpoint restores the epochs already done
             self.history, self.rows, self.best_valid, self.pending, self.elapsed = {}, [], None, None, 0.0
             self._preview_done, self._restored = False, None
-            self._pictures, self._drawing_seconds, self._pictures_drawn = {}, 0.0, 0
+            self.pictures = PictureQueue(self.picture_share)
 
     def _train_state(self) -> dict:
         """The training counts of the epoch so far, summed over all processes (a collective)."""
@@ -137,56 +134,27 @@ class ReportWriter(L.Callback):
                 return logger.experiment
         return None
 
-    def _write_matrix(self, trainer, matrix, names, stem: str, title: str) -> list:
-        """The matrix as ``<stem>.csv`` and ``<stem>.png``."""
-        folder = run_dir(trainer)
-        written = [join(folder, f"{stem}.png"), join(folder, f"{stem}.csv")]
-        write_file(written[1], reports.matrix_csv(matrix, names))
-        write_file(written[0], reports.png_bytes(reports.render(reports.confusion_figure(matrix, names, title))))
-        return written
-
     def _queue_matrix(self, trainer, matrix, names, stems: list[str], title: str, step: int) -> None:
         """The matrix as ``<stem>.csv`` for every stem now, and its picture (``<stem>.png``, drawn once for all
         stems, and TensorBoard's image of the first stem at ``step``) when :meth:`_draw` draws."""
         folder = run_dir(trainer)
         table = reports.matrix_csv(matrix, names)
         for stem in stems:
-            write_file(join(folder, f"{stem}.csv"), table)
+            write_file(path_join(folder, f"{stem}.csv"), table)
         pixels = functools.cache(lambda: reports.render(reports.confusion_figure(matrix, names, title)))
         png = functools.cache(lambda: reports.png_bytes(pixels()))
 
         def draw(stem: str, first: bool) -> None:
-            write_file(join(folder, f"{stem}.png"), png())
+            write_file(path_join(folder, f"{stem}.png"), png())
             writer = self._tensorboard(trainer)
             if first and writer is not None:
                 writer.add_image(stem, pixels(), global_step=step, dataformats="HWC")
 
         for i, stem in enumerate(stems):
-            self._queue(stem, functools.partial(draw, stem, i == 0))
-
-    def _queue(self, stem: str, draw: Callable[[], None]) -> None:
-        """Wait with the picture ``stem`` for :meth:`_draw`; a newer one of the same file replaces the waiting one."""
-        self._pictures.pop(stem, None)
-        self._pictures[stem] = draw
+            self.pictures.add(stem, functools.partial(draw, stem, i == 0))
 
     def _draw(self, final: bool = False) -> None:
-        """Draw the waiting pictures if, with them, drawing keeps within ``picture_share`` of the training time
-        (each picture taken to cost what the pictures drawn so far cost on average), or if ``final``."""
-        if not self._pictures:
-            return
-        if not final and self.picture_share < 1 and self._pictures_drawn:
-            expected = self._drawing_seconds * (1 + len(self._pictures) / self._pictures_drawn)
-            if expected > self.picture_share * self.elapsed_seconds():
-                return
-        pictures, self._pictures = self._pictures, {}
-        for draw in pictures.values():
-            self._timed(draw)
-
-    def _timed(self, draw: Callable[[], object]) -> None:
-        start = time.monotonic()
-        draw()
-        self._drawing_seconds += time.monotonic() - start
-        self._pictures_drawn += 1
+        self.pictures.draw(self.elapsed_seconds(), final)
 
     # ----------------------------------------------------------------------------- fit
     def on_train_start(self, trainer, pl_module) -> None:
@@ -205,8 +173,8 @@ class ReportWriter(L.Callback):
         images = pl_module.preprocessing.denormalize(x[:n])
         titles = [pl_module.class_names[int(t)] for t in y[:n]]
         # Drawn at once (it shows the augmentation before the run goes far), and timed: what one picture costs here.
-        path = join(run_dir(trainer), "train_batch.png")
-        self._timed(lambda: reports.save_figure(reports.image_grid_figure(images, titles), path))
+        path = path_join(run_dir(trainer), "train_batch.png")
+        self.pictures.timed(lambda: reports.save_figure(reports.image_grid_figure(images, titles), path))
         writer = self._tensorboard(trainer)
         if writer is not None:
             writer.add_images("train_batch", images, global_step=trainer.global_step, dataformats="NHWC")
@@ -215,14 +183,14 @@ class ReportWriter(L.Callback):
         self._update("train", outputs)
 
     def on_validation_epoch_start(self, trainer, pl_module) -> None:
-        self._worst = []
+        self.evaluation.start()
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         if trainer.sanity_checking:
             return
         self._update("val", outputs)
         if trainer.state.fn == "validate":
-            self._track_worst(trainer.val_dataloaders, outputs)
+            self.evaluation.track(trainer.val_dataloaders, outputs)
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         if trainer.sanity_checking:
@@ -235,13 +203,13 @@ class ReportWriter(L.Callback):
         for name in pl_module.class_names:
             pl_module.log(f"val_f1/{name}", metrics[reports.class_key(name)]["F1 score"])
         if trainer.state.fn == "validate":
-            self._evaluation_report(trainer, pl_module, "val", matrix, loss)
+            self.evaluation.write(trainer, pl_module, "val", matrix, loss)
             return
         # Recorded now, before any checkpoint of this validation is saved; the epoch's training half follows.
         self.pending = {"valid info": metrics, "val_loss": loss, "matrix": matrix.tolist()}
         if trainer.is_global_zero:
             self.history.setdefault(f"epoch:{trainer.current_epoch}", {})["valid info"] = metrics
-            reports.write_json(join(run_dir(trainer), "metrics.json"), self.history)
+            reports.write_json(path_join(run_dir(trainer), "metrics.json"), self.history)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         names = pl_module.class_names
@@ -255,7 +223,7 @@ class ReportWriter(L.Callback):
         entry = {"train info": train_info, **({"valid info": val_info} if val_info else {})}
         self.history[f"epoch:{epoch}"] = entry
         folder = run_dir(trainer)
-        reports.write_json(join(folder, "metrics.json"), self.history)
+        reports.write_json(path_join(folder, "metrics.json"), self.history)
 
         lr = trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else None
         self.rows = [r for r in self.rows if r["epoch"] != epoch] + [{
@@ -272,9 +240,10 @@ class ReportWriter(L.Callback):
         text = ",".join(self.rows[-1]) + "\n" + "".join(
             ",".join("" if row.get(k) is None else f"{row[k]:.6g}" for k in self.rows[-1]) + "\n" for row in self.rows
         )
-        write_file(join(folder, "results.csv"), text)
+        write_file(path_join(folder, "results.csv"), text)
         rows = list(self.rows)
-        self._queue("results", lambda: reports.save_figure(reports.results_figure(rows), join(folder, "results.png")))
+        curves = path_join(folder, "results.png")
+        self.pictures.add("results", lambda: reports.save_figure(reports.results_figure(rows), curves))
 
         best = val_info is not None and (self.best_valid is None or val_info["accuracy"] > self.best_valid["accuracy"])
         if best:
@@ -304,59 +273,12 @@ class ReportWriter(L.Callback):
 
     # ----------------------------------------------------------------------------- validate / test
     def on_test_epoch_start(self, trainer, pl_module) -> None:
-        self._worst = []
+        self.evaluation.start()
 
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         self._update("test", outputs)
-        self._track_worst(trainer.test_dataloaders, outputs)
+        self.evaluation.track(trainer.test_dataloaders, outputs)
 
     def on_test_epoch_end(self, trainer, pl_module) -> None:
         matrix, loss = self._compute("test")
-        self._evaluation_report(trainer, pl_module, "test", matrix, loss)
-
-    def _track_worst(self, loaders, outputs) -> None:
-        """Keep the most confidently wrong images: (loss, image, true, predicted, confidence, path)."""
-        if not isinstance(outputs, dict) or "log_probs" not in outputs or self.worst_images < 1:
-            return
-        dataset = (loaders[0] if isinstance(loaders, list) else loaders).dataset
-        log_probs, y, x = outputs["log_probs"].float(), outputs["target"], outputs["images"]
-        losses = -log_probs.gather(1, y[:, None])[:, 0]
-        probs = log_probs.exp()
-        for i in (log_probs.argmax(1) != y).nonzero().flatten().tolist():
-            path = str(dataset.path(int(outputs["index"][i]))) if hasattr(dataset, "path") else None
-            pred, conf = int(probs[i].argmax()), float(probs[i].max())
-            self._worst.append((float(losses[i]), x[i].cpu(), int(y[i]), pred, conf, path))
-        self._worst = sorted(self._worst, key=lambda w: -w[0])[: self.worst_images]
-
-    def _gather_worst(self, trainer) -> list:
-        """The most confidently wrong images of every process (a collective)."""
-        worst = self._worst
-        if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
-            parts: list = [None] * trainer.world_size
-            torch.distributed.all_gather_object(parts, worst)
-            worst = [w for part in parts for w in part]
-        return sorted(worst, key=lambda w: -w[0])[: self.worst_images]
-
-    def _evaluation_report(self, trainer, pl_module, stage: str, matrix, loss) -> None:
-        worst = self._gather_worst(trainer)
-        if not trainer.is_global_zero:
-            return
-        names = pl_module.class_names
-        folder = run_dir(trainer)
-        metrics = reports.class_metrics(matrix, names)
-        label = "valid info" if stage == "val" else "test info"
-        report = {"checkpoint": trainer.ckpt_path, "images": int(matrix.sum()), "loss": loss, label: metrics,
-                  "worst": [{"path": w[5], "true": names[w[2]], "predicted": names[w[3]], "confidence": round(w[4], 6)}
-                            for w in worst]}
-        written = [join(folder, f"metrics_{stage}.json")]
-        reports.write_json(written[0], report)
-        written += self._write_matrix(trainer, matrix, names, f"confusion_matrix_{stage}", stage)
-        if worst:
-            images = pl_module.preprocessing.denormalize(torch.stack([w[1] for w in worst]))
-            titles = [f"true {names[w[2]]}\npred {names[w[3]]} {w[4]:.2f}" for w in worst]
-            written.append(join(folder, f"worst_{stage}.png"))
-            reports.save_figure(reports.image_grid_figure(images, titles, columns=4), written[-1])
-        support = matrix.sum(1).astype(int).tolist()
-        print(f"\n{stage} set: {int(matrix.sum())} images\n" + reports.format_report(metrics, names, support))
-        print("Wrote " + ", ".join(str(p) for p in written))
-
+        self.evaluation.write(trainer, pl_module, "test", matrix, loss)

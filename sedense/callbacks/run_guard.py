@@ -9,8 +9,8 @@ from pathlib import Path
 import lightning as L
 from lightning.fabric.utilities.cloud_io import get_filesystem
 
-from sedense.callbacks.prediction import JOURNAL
-from sedense.runs import RUN_DIR, is_remote, join, run_dir
+from sedense.callbacks.prediction_state import JOURNAL
+from sedense.runs import RUN_DIR, is_remote, path_join, run_dir
 
 # What every run writes as it starts; a run folder holding nothing else did nothing worth keeping.
 STARTUP_FILES = re.compile(r"events\.out\.tfevents\..*|config\.yaml|hparams\.yaml|class_indices\.json|split\.csv|"
@@ -65,7 +65,7 @@ class RunGuard(L.Callback):
                 self.note = note
                 return
         if trainer.state.fn == "fit":
-            last = join(run_dir(trainer), "checkpoints", "last.ckpt")
+            last = path_join(run_dir(trainer), "checkpoints", "last.ckpt")
             saved = get_filesystem(str(last)).isfile(str(last))
             self.note = (f"the last good checkpoint is {last}; resume with --ckpt_path last" if saved
                          else "no epoch finished, so no checkpoint was saved")

@@ -5,13 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import lightning as L
-import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
+from sedense.callbacks.common import from_every_process, stage_dataset
 from sedense.data.datasets import unreadable_reason
 from sedense.runs import (
     class_indices_json,
-    join,
+    path_join,
     remove_stale_temporaries,
     run_dir,
     split_csv,
@@ -44,15 +44,15 @@ class RunFiles(L.Callback):
         folder = run_dir(trainer)
         remove_stale_temporaries(folder)
         if stage == "fit":
-            checkpoints = join(folder, "checkpoints")
+            checkpoints = path_join(folder, "checkpoints")
             if isinstance(checkpoints, Path):
                 checkpoints.mkdir(exist_ok=True)
             remove_stale_temporaries(checkpoints)
         data = trainer.datamodule
         if stage in ("fit", "validate") and getattr(data, "root", None) is not None:
             split = data.split
-            write_file(join(folder, "class_indices.json"), class_indices_json(split.class_names))
-            write_file(join(folder, "split.csv"), split_csv(split))
+            write_file(path_join(folder, "class_indices.json"), class_indices_json(split.class_names))
+            write_file(path_join(folder, "split.csv"), split_csv(split))
             self._add(split.skipped, folder)
         elif stage == "test":
             self._add(getattr(data, "test_skipped", []), folder)
@@ -61,7 +61,7 @@ class RunFiles(L.Callback):
         new = {str(p): r for p, r in rows if str(p) not in self.skipped}
         if new:
             self.skipped.update(new)
-            write_file_list(join(folder, "skipped_files.csv"), list(self.skipped.items()))
+            write_file_list(path_join(folder, "skipped_files.csv"), list(self.skipped.items()))
 
     # ----------------------------------------------------------------------------- evaluation
     def _collect(self, outputs) -> None:
@@ -76,15 +76,11 @@ class RunFiles(L.Callback):
         self._collect(outputs)
 
     def _report(self, trainer: L.Trainer, loaders, what: str) -> None:
-        found = sorted(self._unreadable)
-        if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
-            parts: list = [None] * trainer.world_size
-            torch.distributed.all_gather_object(parts, found)  # every process takes part
-            found = sorted({i for part in parts for i in part})
+        found = sorted({i for part in from_every_process(trainer, sorted(self._unreadable)) for i in part})
         self._unreadable = set()
         if not trainer.is_global_zero or not found:
             return
-        dataset = (loaders[0] if isinstance(loaders, list) else loaders).dataset
+        dataset = stage_dataset(loaders)
         paths = [dataset.path(i) for i in found]
         new = [p for p in paths if str(p) not in self.skipped]
         if new:
@@ -92,7 +88,8 @@ class RunFiles(L.Callback):
             self._add([(p, unreadable_reason(p)) for p in new], folder)
             rank_zero_warn(
                 f"{len(new)} image(s) of the {what} set cannot be decoded and are not scored, e.g. {new[0]}; "
-                f"all are listed in {join(folder, 'skipped_files.csv')} (data.verify: full finds them before training)"
+                f"all are listed in {path_join(folder, 'skipped_files.csv')} (data.verify: full finds them before "
+                "training)"
             )
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:

@@ -14,7 +14,7 @@ import lightning as L
 from lightning.pytorch.callbacks import Timer
 
 from sedense.errors import ConfigError
-from sedense.runs import say
+from sedense.runs import print_once
 from sedense.training.time_plan import StepTimes, TimePlan
 
 
@@ -78,7 +78,7 @@ class TimeBudget(L.Callback):
                                                       timer.time_elapsed()))
         changed = self.plan.resume(trainer.global_step, trainer.current_epoch, per_epoch, max_epochs, budget, elapsed)
         if changed:
-            say(f"Time budget: resumed with {', '.join(changed)}: the schedule is planned again from here "
+            print_once(f"Time budget: resumed with {', '.join(changed)}: the schedule is planned again from here "
                 f"({self.plan.planned_epochs} epochs, ending at the floor)")
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -109,7 +109,7 @@ class TimeBudget(L.Callback):
         if math.isfinite(batches):
             epoch_end = trainer.global_step + math.ceil((batches - batch_idx - 1) / trainer.accumulate_grad_batches)
         if left is not None:
-            self.plan.hurry(trainer.global_step, left, per_step, epoch_end)
+            self.plan.hold_to_clock(trainer.global_step, left, per_step, epoch_end)
         self._last_step_end = time.monotonic()
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

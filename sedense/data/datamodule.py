@@ -261,7 +261,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         return available_memory() / 2
 
     def _fill_caches(self, *datasets: ImageListDataset) -> None:
-        """Cache every image that fits under the limit; say how many did not (they are decoded when used)."""
+        """Cache every image that fits under the limit; print_once how many did not (they are decoded when used)."""
         start, nbytes, limit = time.perf_counter(), 0, self.cache_limit()
         estimates = [d.estimate_cache_bytes() for d in datasets]
         need = sum(estimates)

@@ -25,7 +25,7 @@ MAX_RESIZED_PIXELS = 2**22
 # No photo is thinner than this; every crop of such a strip, for training or evaluation, is mostly padding or blur.
 MAX_ASPECT_RATIO = 64
 
-# Reasons a file could not be read that say nothing about the file itself (permissions can be fixed, a disk or a
+# Reasons a file could not be read that print_once nothing about the file itself (permissions can be fixed, a disk or a
 # network mount recovers, the process runs out of handles): checked again next time, never remembered.
 TRANSIENT_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.EIO, errno.EMFILE, errno.ENFILE, errno.EAGAIN,
                               errno.EINTR, errno.ENOMEM, errno.ESTALE, errno.EBUSY, errno.ETIMEDOUT})

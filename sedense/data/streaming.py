@@ -29,7 +29,7 @@ from sedense.data.datasets import UNREADABLE
 from sedense.data.folders import Split, scan_dataset
 from sedense.data.images import load_image
 from sedense.errors import DataError, require_extra
-from sedense.runs import class_indices_json, file_list_csv, is_remote, join, split_csv, write_file
+from sedense.runs import class_indices_json, file_list_csv, is_remote, path_join, split_csv, write_file
 
 META = "sedense.json"
 SUBSETS = ("train", "val", "test")
@@ -61,13 +61,13 @@ def optimize_folder(root: Path, output: str, val_split: float = 0.2, seed: int =
             continue
         inputs = [(str(p), index[c], i) for i, (p, c) in enumerate(pairs)]
         workers = num_workers or min(os.cpu_count() or 1, 8, len(inputs))  # one per core
-        litdata.optimize(fn=_sample, inputs=inputs, output_dir=str(join(output, subset)), chunk_bytes=chunk_bytes,
+        litdata.optimize(fn=_sample, inputs=inputs, output_dir=str(path_join(output, subset)), chunk_bytes=chunk_bytes,
                          num_workers=workers, reorder_files=False, verbose=False)
         counts[subset] = len(pairs)
-    write_file(join(output, "class_indices.json"), class_indices_json(split.class_names))
-    write_file(join(output, "split.csv"), split_csv(split))
-    write_file(join(output, "skipped_files.csv"), file_list_csv(split.skipped))
-    write_file(join(output, META), json.dumps({"format": 1, "classes": split.class_names, "subsets": counts,
+    write_file(path_join(output, "class_indices.json"), class_indices_json(split.class_names))
+    write_file(path_join(output, "split.csv"), split_csv(split))
+    write_file(path_join(output, "skipped_files.csv"), file_list_csv(split.skipped))
+    write_file(path_join(output, META), json.dumps({"format": 1, "classes": split.class_names, "subsets": counts,
                                                "source": str(root), "val_split": val_split, "seed": seed}, indent=2))
     return split
 
@@ -76,13 +76,13 @@ def read_split(root: str) -> Split:
     """The classes and split that ``sedense optimize`` wrote beside the chunks in ``root``."""
     fs = get_filesystem(root)
     try:
-        with fs.open(str(join(root, META)), "r") as f:
+        with fs.open(str(path_join(root, META)), "r") as f:
             meta = json.load(f)
-        with fs.open(str(join(root, "split.csv")), "r", newline="") as f:
+        with fs.open(str(path_join(root, "split.csv")), "r", newline="") as f:
             rows = list(csv.DictReader(f))
         skipped = []
-        if fs.exists(str(join(root, "skipped_files.csv"))):
-            with fs.open(str(join(root, "skipped_files.csv")), "r", newline="") as f:
+        if fs.exists(str(path_join(root, "skipped_files.csv"))):
+            with fs.open(str(path_join(root, "skipped_files.csv")), "r", newline="") as f:
                 skipped = [(r["path"], r["reason"]) for r in csv.DictReader(f)]
     except (OSError, ValueError, KeyError) as err:
         raise DataError(
@@ -145,7 +145,7 @@ class StreamingImages(_StreamingBase):
                  blank_size: int, short_side: int | None = None) -> None:
         require_litdata()
         options = {"shuffle": False, "drop_last": False} if evaluation else {"shuffle": True}
-        location = str(join(root, subset)) if is_remote(root) else str(Path(root) / subset)
+        location = str(path_join(root, subset)) if is_remote(root) else str(Path(root) / subset)
         decode = DecodeSample(transform, evaluation, blank_size, paths, short_side)
         super().__init__(location, transform=decode, **options)
         self.paths = paths

@@ -104,7 +104,7 @@ class ImageUploadMiddleware:
             return
         explain = parse_qs(scope.get("query_string", b"").decode("latin-1")).get("explain", ["0"])[-1]
         payload = json.dumps({"pixels": base64.b64encode(pixels.tobytes()).decode("ascii"),
-                              "height": pixels.shape[0], "width": pixels.shape[1], "company": self.in_flight,
+                              "height": pixels.shape[0], "width": pixels.shape[1], "concurrent": self.in_flight,
                               "explain": explain.lower() in ("1", "true", "yes")}).encode()
         headers = [(k, v) for k, v in scope["headers"] if k not in (b"content-type", b"content-length")]
         headers += [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]

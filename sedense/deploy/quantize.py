@@ -6,7 +6,7 @@
   DenseNet is convolutions, whose activations must be quantized too, from ranges measured on real images
   (*calibration*): the training images of the checkpoint's data (its own split, so no validation image is
   seen), or a folder given with ``--calibration_data``; at most ``--calibration_images`` of them (200),
-  spread over the classes.
+  evenly_spaced over the classes.
 - **QOperator format, per-channel weights.** QOperator fuses each convolution into one integer operator
   (``QLinearConv``); the QDQ format leaves quantize/dequantize pairs around float operators, which ONNX
   Runtime's CPU provider runs slower in batches (see ``benchmarks/bench_predict.py``). Per-channel weight
@@ -73,7 +73,7 @@ def require_quantization():
     return require_extra("onnxruntime.quantization", "INT8 export needs ONNX Runtime", "onnx")
 
 
-def spread(items: list, n: int) -> list:
+def evenly_spaced(items: list, n: int) -> list:
     """``n`` items evenly spaced through ``items`` (all of them if there are fewer)."""
     if len(items) <= n:
         return list(items)
@@ -212,7 +212,7 @@ def quantized_export(fp32: Path, out: Path, checkpoint: dict, class_names: list[
     labelled = labelled_files(eval_data, class_names, pre) if eval_data is not None else val
     if not labelled:
         raise DataError("no labelled images to check the INT8 model on: give a folder with --eval_data")
-    calib = spread(calib, calibration_images)
+    calib = evenly_spaced(calib, calibration_images)
     start = time.perf_counter()
     unread = quantize_int8(fp32, out, calib, pre, calibration_method)
     report = {"calibration_images": len(calib) - len(unread), "unreadable_calibration_images": len(unread),

@@ -8,9 +8,9 @@ same ``POST /predict`` as any other client, so the page and the JSON API share t
 Uploads are decoded in the HTTP process (``sedense.deploy.http``); the model workers receive pixels only.
 
 Batches follow the load. Each request tells the model worker how many requests were in the service with it
-(its *company*); a batch is then closed as soon as it holds as many as came together last time (up to
+(``concurrent``); a batch is then closed as soon as it holds as many as arrived together last time (up to
 ``--max_batch_size``), or after ``--batch_timeout``. A lone user's photo is classified at once, without waiting
-for company that will not come; under load the batches fill up instead of going out half-empty, which on a
+for requests that will not come; under load the batches fill up instead of going out half-empty, which on a
 CPU costs most (in batches of 32 the recipe's model classifies 4.5x more images a second than one by one).
 """
 
@@ -61,18 +61,18 @@ class ClassifierAPI(ls.LitAPI if ls is not None else object):
     @property
     def max_batch_size(self) -> int:
         """The batch LitServe waits to fill (for at most ``batch_timeout``): this worker's share of the requests
-        that came together last time, up to the limit (the limit itself until a batch has been seen)."""
-        return max(1, min(self.batch_limit, -(-self.together // self.workers)))
+        that arrived together last time, up to the limit (the limit itself until a batch has been seen)."""
+        return max(1, min(self.batch_limit, -(-self.expected // self.workers)))
 
     @max_batch_size.setter
     def max_batch_size(self, value: int) -> None:
-        self.batch_limit = self.together = int(value)
+        self.batch_limit = self.expected = int(value)
 
     def setup(self, device) -> None:
         self.model = InferenceModel.from_file(self.ckpt_path, self.trusted)
         self.preprocessing, self.explainable = self.model.preprocessing, self.model.explainable
         self.model.to(device)
-        self.together = 1  # no company expected until requests come together
+        self.expected = 1  # a lone request is expected until requests come together
         self.device = device
         self.normalize = self.preprocessing.normalize()
 
@@ -80,10 +80,10 @@ class ClassifierAPI(ls.LitAPI if ls is not None else object):
         pixels = np.frombuffer(base64.b64decode(request["pixels"]), dtype=np.uint8)
         pixels = pixels.reshape(request["height"], request["width"], 3).copy()
         return {"x": self.normalize(torch.from_numpy(pixels).permute(2, 0, 1)), "explain": bool(request.get("explain")),
-                "company": int(request.get("company", 1))}
+                "concurrent": int(request.get("concurrent", 1))}
 
     def batch(self, inputs: list[dict]) -> dict:
-        self.together = max(i["company"] for i in inputs)  # the next batch waits for as many
+        self.expected = max(i["concurrent"] for i in inputs)  # the next batch waits for as many
         return {"x": torch.stack([i["x"] for i in inputs]), "explain": [i["explain"] for i in inputs]}
 
     def predict(self, inputs: dict) -> dict | list[dict]:

@@ -11,7 +11,7 @@ ends the run on an epoch boundary, validated and checkpointed, at the floor.
 The plan keeps room for the slowest recent epoch and half an epoch more. A machine that slows down by more
 than that *during* an epoch (another program starts, the disk stalls) would still be stopped by the budget
 before the plan's end, above the floor. So after every step the plan is also held to the clock
-(:meth:`TimePlan.hurry`): when the budget will run out before the end of the current epoch at this epoch's
+(:meth:`TimePlan.hold_to_clock`): when the budget will run out before the end of the current epoch at this epoch's
 step time, the cosine is bent to reach the floor at the last step that fits. The budget then stops the run at
 the floor, in the middle of an epoch (Lightning validates and checkpoints the weights it stops with). For
 the same reason, when a slowdown leaves no room for a whole epoch more while the cosine is still above its
@@ -99,7 +99,7 @@ class TimePlan:
         more = max(0, math.floor(seconds_left / typical - self.margin))
         if more == 0 and self.progress(step) < 1 and seconds_left >= self.typical_step_time():
             # The machine slowed down and the cosine is still above its floor: one more epoch, which the
-            # clock check (``hurry``) brings to the floor by the last step that fits, if it does not fit whole.
+            # clock check (``hold_to_clock``) brings to the floor by the last step that fits, if it does not fit whole.
             more = 1
         planned = epochs_done + more
         if self.max_epochs is not None and self.max_epochs > 0:
@@ -113,7 +113,8 @@ class TimePlan:
         self.end_step, self.planned_epochs = max(end, self.anchor_step), planned
         return planned
 
-    def hurry(self, step: int, seconds_left: float, seconds_per_step: float, epoch_end_step: int | None = None) -> bool:
+    def hold_to_clock(self, step: int, seconds_left: float, seconds_per_step: float,
+                      epoch_end_step: int | None = None) -> bool:
         """Bend the cosine to end at the last step that fits in ``seconds_left``, if the budget will run out
         before the end of the current epoch (``epoch_end_step``) or of the plan, whichever is first; or to end
         with this epoch, if the plan goes on after it but the time left after it (its remaining steps and its
