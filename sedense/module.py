@@ -176,8 +176,8 @@ class ImageClassifier(L.LightningModule):
         if self.hparams.compile and stage == "fit" and self._train_forward is None:
             # A compiled function, not a module: parameter names (and checkpoints) stay the same, and the
             # weight-averaging copy of this module shares it instead of copying it. Under progressive resizing, static
-            # graphs, one per size: torch's default compiles the second size with symbolic sides, and on a 2-core CPU
-            # that compilation was still simplifying index formulas after 40 minutes, inside one step.
+            # graphs, one per size: torch's default compiles the second size with symbolic sides, which on a CPU can
+            # take longer than a whole time budget, inside one step that no budget can stop.
             resizing = self.hparams.progressive_resize < 1
             if resizing:  # any datamodule, or plain dataloaders
                 full = getattr(self.trainer.datamodule, "train_size", None)

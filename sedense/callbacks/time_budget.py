@@ -56,8 +56,8 @@ class TimeBudget(L.Callback):
     @staticmethod
     def _time_left(timer: Timer) -> float | None:
         """The budget's seconds left to plan with: all but a reserve for the machine's hiccups at its very end
-        (5% of the budget, at most 1 s). Planned to the last step, a stall of a few tens of milliseconds among the
-        last steps of a tiny run let the budget stop it above the floor."""
+        (5% of the budget, at most 1 s): planned to the last step, a stall of a few tens of milliseconds among the
+        last steps would let the budget stop the run above the floor."""
         left = timer.time_remaining()
         if left is None:
             return None

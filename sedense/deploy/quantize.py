@@ -6,26 +6,23 @@
   DenseNet is convolutions, whose activations must be quantized too, from ranges measured on real images
   (*calibration*): the training images of the checkpoint's data (its own split, so no validation image is
   seen), or a folder given with ``--calibration_data``; at most ``--calibration_images`` of them (200),
-  evenly_spaced over the classes.
+  spread evenly over the classes.
 - **QOperator format, per-channel weights.** QOperator fuses each convolution into one integer operator
   (``QLinearConv``); the QDQ format leaves quantize/dequantize pairs around float operators, which ONNX
   Runtime's CPU provider runs slower in batches (see ``benchmarks/bench_predict.py``). Per-channel weight
   scales keep accuracy in convolutions whose channels differ in range.
-- **A graph made for integers** (``sedense.int8_graph``, exact in fp32). ONNX Runtime has no integer batch
-  norm, and a DenseNet's norms come *before* their convolutions (on the concatenated features), so they
-  cannot be folded into one: quantized as exported, each dense layer went back to float (dequantize,
-  BatchNormalization, Relu, quantize) and the integer convolutions' NHWC layout paid a Transpose on each
-  side; INT8 ran batches at 1.03x fp32. Before calibration each remaining norm becomes the depthwise 1x1
-  convolution it is and each squeeze-and-excitation is pooled and convolved (1.69x: every operator has an
-  integer kernel). The concatenations were then the slowest integer operator (19.0 ms a batch of 32 against
-  12.3 in fp32): ONNX Runtime's copies one input's channels pixel by pixel, requantizing each input to the
-  output's scale. So each dense layer's concatenation now extends the previous layer's (2 inputs, not up to
-  48); the features a block concatenates are *equalized* (each channel scaled to a common largest value on
-  the calibration images, undone in the norms that read it) and share one quantization range, so every
-  input is copied as it is; and each transition's 1x1 convolution and 2x2 average pool become one 2x2
-  convolution of stride 2: 2.2x fp32 on the recipe's model. A shared range without equalization changed
-  6% of the answers (the channels of small range were crushed); with it 1%, fewer than with a range of
-  its own for each tensor (2.2%).
+- **A graph made for integers** (``sedense.deploy.int8_graph``, exact in fp32). ONNX Runtime has no integer batch
+  norm, and a DenseNet's norms come *before* their convolutions (on the concatenated features), so they cannot
+  be folded into one: left as they are, each dense layer would go back to float, and the integer convolutions'
+  NHWC layout would pay a Transpose on each side. So each norm becomes the depthwise 1x1 convolution it is, and
+  each squeeze-and-excitation is pooled and convolved: every operator has an integer kernel. ONNX Runtime's
+  integer concatenation copies one input's channels pixel by pixel, requantizing each input to the output's
+  scale; so each dense layer's concatenation extends the previous layer's (2 inputs, not up to 48), the features
+  a block concatenates are *equalized* (each channel scaled to a common largest value on the calibration images,
+  undone in the norms that read it) and share one quantization range, so every input is copied as it is; and
+  each transition's 1x1 convolution and 2x2 average pool are one 2x2 convolution of stride 2. Equalized, the
+  shared range changes 1% of the answers (without equalization, the channels of small range are crushed).
+  ``docs/benchmarks.md`` has the speed: 2.2x fp32 in batches on the recipe's model.
 - **Percentile calibration** (99.999th percentile of each activation's histogram) rather than the extremes
   (MinMax) for every tensor but the equalized features: one outlier activation no longer stretches a
   tensor's range. On the TrashNet recipe's model it kept all the answers fp32 is sure of, MinMax 99.7%

@@ -14,9 +14,8 @@ def ema_update(decay: float, warmup: bool = False) -> Callable:
     With ``warmup`` the ``n``-th update uses ``min(decay, (1 + n) / (10 + n))``: the average starts by following
     the weights closely and settles to ``decay``, instead of keeping the random initial weights for thousands of
     steps (at decay 0.997, 22% of the average after 500 steps is still the first weights). Integer buffers (a
-    BatchNorm's count of batches) are copied. One multi-tensor operation for each step of the formula, rather than
-    three for each of the network's hundreds of tensors from Python: for the recipe's network on a 2-core CPU 35-38 ms
-    a step instead of 79-93 (benchmarks/bench_update.py).
+    BatchNorm's count of batches) are copied. One multi-tensor operation for each step of the formula, rather
+    than three for each of the network's hundreds of tensors from Python (``benchmarks/bench_update.py`` times both).
     """
 
     def update(averages: list, currents: list, n_averaged) -> None:

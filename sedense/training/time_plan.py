@@ -39,9 +39,8 @@ class TimePlan:
     Progress stays continuous when the plan changes: from the current step it goes on, steeper or flatter,
     to 1 at the new planned end, so the first plan must not be made from costs that later epochs will not pay:
     an epoch is planned without its steps' one-off costs (:class:`StepTimes`: the first step of a run, which
-    creates the optimiser's state and runs ``torch.compile``; the first at each new training size). Planned from
-    the whole first epoch, a budget that holds a few of them made a plan of two epochs, and the rest of the
-    run trained at the floor.
+    creates the optimiser's state and runs ``torch.compile``; the first at each new training size): planned with
+    them, a budget that holds a few epochs would plan too few, and the rest of the run would train at the floor.
 
     Args:
         steps_per_epoch: optimiser steps in one epoch.
