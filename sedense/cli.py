@@ -20,7 +20,8 @@ from sedense.callbacks.prediction_state import prediction_manifest, unfinished_p
 from sedense.callbacks.run_guard import RunGuard
 from sedense.callbacks.runfiles import RunFiles
 from sedense.checkpoints import AtomicCheckpointIO, read_checkpoint, resolve_ckpt_path, run_version
-from sedense.data.datamodule import ImageFolderDataModule, dataset_classes
+from sedense.data.datamodule import ImageFolderDataModule
+from sedense.data.folders import dataset_classes
 from sedense.deploy.inference import is_exported, load_exported
 from sedense.errors import ConfigError
 from sedense.models.pretrained import official_weights

@@ -220,6 +220,12 @@ PREDICT = ["--data.num_workers", "0", "--trainer.enable_progress_bar", "false", 
            "--trainer.precision", "32-true"]
 
 
+def predict_args(ckpt, inputs, out, *extra) -> list[str]:
+    """``sedense predict`` of ``inputs`` with ``ckpt``, writing under ``out``, in a test's small settings."""
+    return ["predict", "--ckpt_path", str(ckpt), "--data.predict_root", str(inputs), *PREDICT,
+            "--trainer.default_root_dir", str(out), *map(str, extra)]
+
+
 def free_port() -> int:
     import socket
 

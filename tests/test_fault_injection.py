@@ -24,12 +24,12 @@ from PIL import Image
 
 from conftest import (
     COLOURS,
-    PREDICT,
     TINY,
     best_checkpoint,
     make_folder,
     make_image,
     newest_run,
+    predict_args,
     read_csv,
     read_only,
     run_cli,
@@ -109,10 +109,6 @@ def hostile_folder(folder: Path) -> tuple[list[Path], list[Path]]:
 def clean(proc) -> None:
     assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout, proc.stderr[-3000:]
 
-
-def predict_args(ckpt, inputs, out, *extra) -> list[str]:
-    return ["predict", "--ckpt_path", str(ckpt), "--data.predict_root", str(inputs), *PREDICT,
-            "--trainer.default_root_dir", str(out), *map(str, extra)]
 
 
 # ----------------------------------------------------------------------------- hostile files, every entry point

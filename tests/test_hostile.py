@@ -31,6 +31,7 @@ from conftest import (
     make_folder,
     make_image,
     newest_run,
+    predict_args,
     read_csv,
     run_cli,
     serving,
@@ -52,10 +53,6 @@ def write_thin(folder: Path) -> list[Path]:
         paths.append(folder / name)
     return paths
 
-
-def predict_args(ckpt, inputs, out, *extra) -> list[str]:
-    return ["predict", "--ckpt_path", str(ckpt), "--data.predict_root", str(inputs), *PREDICT,
-            "--trainer.default_root_dir", str(out), *map(str, extra)]
 
 
 # ----------------------------------------------------------------------------- 1. thin images
@@ -456,3 +453,28 @@ def test_a_remote_checkpoint_exports_and_serves_through_fsspec(trained_run, tmp_
     finally:
         fs.rm("/remote", recursive=True)
 
+
+
+def test_a_run_resumed_mid_epoch_times_its_steps_from_where_it_resumed(monkeypatch):
+    from datetime import timedelta
+    from types import SimpleNamespace
+
+    from lightning.pytorch.callbacks import Timer
+
+    from sedense.callbacks import time_budget
+    from sedense.training.time_plan import TimePlan
+
+    clock = iter([0.0, 1.0, 1.0, 2.0, 2.0])  # epoch start; batch 5 ends at 1 s, batch 6 at 2 s
+    monkeypatch.setattr(time_budget.time, "monotonic", lambda: next(clock))
+    budget = time_budget.TimeBudget()
+    budget.plan = TimePlan(10, 0, end_step=100)
+    seen = []
+    monkeypatch.setattr(budget.plan, "hold_to_clock", lambda step, left, per_step, end=None: seen.append(per_step))
+    trainer = SimpleNamespace(callbacks=[Timer(duration=timedelta(seconds=600))], num_training_batches=10,
+                              accumulate_grad_batches=1, global_step=15,
+                              strategy=SimpleNamespace(broadcast=lambda x: x))
+    budget.on_train_epoch_start(trainer, None)
+    for batch_idx in (5, 6):  # resumed from a checkpoint saved after batch 4 of the epoch
+        budget.on_train_batch_end(trainer, None, {"shape": (8, 3, 16, 16)}, None, batch_idx)
+    # One second a step; counted from batch 0 it would be 1/6 and 2/7 s: the plan would think it had time to spare.
+    assert seen[-1] == pytest.approx(1.0)

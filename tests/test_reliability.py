@@ -30,6 +30,7 @@ from conftest import (
     make_folder,
     make_image,
     newest_run,
+    predict_args,
     read_csv,
     read_matrix,
     read_only,
@@ -41,11 +42,6 @@ from sedense.commands import main
 from sedense.data.folders import scan_dataset
 from sedense.data.images import check_image
 from sedense.errors import ConfigError
-
-
-def predict_args(ckpt: Path, inputs, out: Path, *extra) -> list[str]:
-    return ["predict", "--ckpt_path", str(ckpt), "--data.predict_root", str(inputs), *PREDICT,
-            "--trainer.default_root_dir", str(out), *map(str, extra)]
 
 
 def last_line(text: str) -> str:

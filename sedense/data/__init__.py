@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
-    "ImageFolderDataModule": "datamodule", "default_num_workers": "datamodule",
+    "ImageFolderDataModule": "datamodule", "default_num_workers": "cache",
     "ImageListDataset": "datasets", "EvalSampler": "datasets", "UNLABELLED": "datasets", "UNREADABLE": "datasets",
     "PADDING": "datasets",
     "Split": "folders", "match_classes": "folders", "scan_class_folders": "folders", "scan_dataset": "folders",

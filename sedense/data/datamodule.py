@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 import time
 from collections import Counter
 from collections.abc import Collection
@@ -12,42 +11,19 @@ from typing import Literal
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2 as T
 
-from sedense.data.datasets import UNLABELLED, EvalSampler, ImageListDataset
-from sedense.data.folders import Split, list_classes, match_classes, scan_class_folders, scan_dataset
+from sedense.data.cache import available_memory, default_num_workers, fill_caches
+from sedense.data.datasets import UNLABELLED, ImageListDataset, make_loader
+from sedense.data.folders import Split, match_classes, report_skipped, scan_class_folders, scan_dataset
 from sedense.data.images import filter_images, resolve_inputs
-from sedense.data.streaming import StreamingImages, collate_present, read_split
+from sedense.data.streaming import StreamingImages, read_split
 from sedense.data.transforms import train_transform
 from sedense.errors import DataError
 from sedense.preprocessing import Preprocessing
 from sedense.runs import is_remote
-
-
-def available_memory() -> float:
-    """Bytes of memory available to new allocations (Linux ``MemAvailable``; elsewhere the total, or 8 GB)."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return float(line.split()[1]) * 1024
-    except (OSError, ValueError):
-        pass
-    try:
-        return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
-    except (ValueError, OSError, AttributeError):
-        return 8.0 * 2**30
-
-
-def default_num_workers() -> int:
-    """One loader worker per core (affinity-aware), at most 8."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cores = os.cpu_count() or 1
-    return max(1, min(cores, 8))
 
 
 class ImageFolderDataModule(L.LightningDataModule):
@@ -59,13 +35,11 @@ class ImageFolderDataModule(L.LightningDataModule):
 
     Args:
         root: the labelled image folder (not needed for ``predict``).
-        test_root: another labelled folder to ``test`` on; its classes are matched to the
-            model's by name. Default: ``root/test`` if present, else the validation subset.
-        predict_root: the images to ``predict`` (labels not needed): a folder (searched
-            recursively), one image, a glob pattern (``photos/**/*.jpg``) or a text file listing
-            one path per line.
-        preprocessing: how the model sees an image (input size, evaluation crop, normalisation); saved in
-            every checkpoint, so that a checkpoint alone predicts.
+        test_root: another labelled folder to ``test`` on, its classes matched to the model's by name (default:
+            ``root/test`` if present, else the validation subset).
+        predict_root: the images to ``predict``: a folder (searched recursively), one image, a glob pattern
+            (``photos/**/*.jpg``) or a text file listing one path per line.
+        preprocessing: how the model sees an image (input size, evaluation crop, normalisation); the model's.
         val_split: fraction of every class held out for validation (one-folder-per-class layout).
         seed: seed of the split; the same seed gives the same split on every run and process.
         batch_size: images per batch (per process).
@@ -75,22 +49,15 @@ class ImageFolderDataModule(L.LightningDataModule):
         vflip: probability of a vertical flip in training.
         rotation: maximum random rotation in training, in degrees (0: none).
         color_jitter: strength of brightness/contrast/saturation jitter in training (0: none).
-        auto_augment: an automatic augmentation policy after the other training augmentations: ``trivial``
-            (TrivialAugmentWide: one random operation of random strength per image) or ``rand`` (RandAugment:
-            two random operations at magnitude 9).
-        train_image_size: train on random crops of this side and evaluate at the preprocessing's
-            ``image_size`` (a larger evaluation size than training size makes up for the zoom of random
-            crops: FixRes, Touvron et al. 2019). ``None``: the same size for both.
-        cache: decode every training and validation image once into memory, pre-resized (the
-            training images to a short side of the input size / sqrt(min crop scale), at most
-            twice the input size; the validation images to their final crop), instead of decoding
-            the full-size files again every epoch. The size is estimated first: what does not fit
-            under ``cache_limit_gb`` is decoded when used, with a warning.
-        cache_limit_gb: the memory the cache may take, per process; ``None``: half of the memory
-            available when the run starts.
-        verify: how files are checked when the dataset is scanned: ``header`` opens each file
-            and reads its size (cheap; finds empty, non-image, unsupported and oversized files),
-            ``full`` decodes every image (finds truncated files too). Unusable files are left
+        auto_augment: an automatic policy after the other training augmentations: ``trivial``
+            (TrivialAugmentWide) or ``rand`` (RandAugment: two random operations at magnitude 9).
+        train_image_size: train on random crops of this side and evaluate at the preprocessing's ``image_size``
+            (FixRes, Touvron et al. 2019). ``None``: the same size for both.
+        cache: decode every training and validation image once into memory, pre-resized, instead of every epoch;
+            what does not fit under ``cache_limit_gb`` is decoded when used, with a warning.
+        cache_limit_gb: the memory the cache may take, per process; ``None``: half of the memory available.
+        verify: how files are checked when the dataset is scanned: ``header`` opens each file (empty, non-image,
+            oversized and too-thin files), ``full`` decodes each (truncated files too). Unusable files are left
             out, counted in one warning and listed in ``skipped_files.csv`` in the run directory.
         strict: stop with an error naming the first unusable file instead of skipping them.
         format: ``folder`` (``root`` holds the images) or ``litdata`` (``root`` holds the chunks that
@@ -199,18 +166,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         return split
 
     def _report_skipped(self, skipped: list[tuple[Path, str]], where: str) -> None:
-        if not skipped:
-            return
-        first, reason = skipped[0]
-        if self.hparams.strict:
-            raise DataError(
-                f"data.strict: {len(skipped)} file(s) under {where} cannot be used, e.g. {first} ({reason}); "
-                "fix or remove them, or set data.strict: false to skip them"
-            )
-        rank_zero_warn(
-            f"Skipping {len(skipped)} unusable file(s) under {where}, e.g. {first} ({reason}); "
-            "all are listed in skipped_files.csv in the run directory"
-        )
+        report_skipped(skipped, where, self.hparams.strict, rank_zero_warn)
 
     @property
     def class_names(self) -> list[str] | None:
@@ -260,23 +216,6 @@ class ImageFolderDataModule(L.LightningDataModule):
             return self.hparams.cache_limit_gb * 2**30
         return available_memory() / 2
 
-    def _fill_caches(self, *datasets: ImageListDataset) -> None:
-        """Cache every image that fits under the limit; print_once how many did not (they are decoded when used)."""
-        start, nbytes, limit = time.perf_counter(), 0, self.cache_limit()
-        estimates = [d.estimate_cache_bytes() for d in datasets]
-        need = sum(estimates)
-        share = min(1.0, limit / need) if need > 0 else 1.0
-        if share < 1.0:
-            rank_zero_warn(
-                f"data.cache: the decoded images would take about {need / 2**30:.1f} GB, over the limit of "
-                f"{limit / 2**30:.1f} GB (data.cache_limit_gb; by default half the free memory): caching "
-                f"{share:.0%} of them, decoding the rest when used"
-            )
-        for dataset in datasets:
-            nbytes += dataset.fill_cache(int(len(dataset) * share))
-        n = sum(int(len(d) * share) for d in datasets)
-        rank_zero_info(f"Cached {n} decoded images ({nbytes / 2**20:.0f} MB) in {time.perf_counter() - start:.1f} s")
-
     def setup(self, stage: str) -> None:
         if stage in ("fit", "validate"):
             split = self.split
@@ -294,7 +233,7 @@ class ImageFolderDataModule(L.LightningDataModule):
                                                   short_side=self.train_cache_side())
                 pre = self.preprocessing
                 self.val_set = self._eval_set(val, pre.normalize(), pre.eval_geometry())
-                self._fill_caches(self.train_set, self.val_set)
+                fill_caches([self.train_set, self.val_set], self.cache_limit())
             else:
                 self.train_set = ImageListDataset(train, self.train_transform())
                 self.val_set = self._eval_set(val, self.eval_transform())
@@ -369,24 +308,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         return [(p, index[c]) for p, c in pairs]
 
     def _loader(self, dataset: Dataset, shuffle: bool = False, drop_last: bool = False) -> DataLoader:
-        if isinstance(dataset, StreamingImages):  # LitData shards, shuffles and resumes its streams itself
-            from litdata import StreamingDataLoader
-
-            return StreamingDataLoader(dataset, batch_size=self.hparams.batch_size, num_workers=self.num_workers,
-                                       collate_fn=collate_present)
-        sampler = None
-        if not shuffle and torch.distributed.is_available() and torch.distributed.is_initialized():
-            sampler = EvalSampler(dataset)  # every image once, the same number of batches on every process
-        return DataLoader(
-            dataset,
-            batch_size=self.hparams.batch_size,
-            shuffle=shuffle,
-            sampler=sampler,
-            drop_last=drop_last,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            pin_memory=torch.cuda.is_available(),
-        )
+        return make_loader(dataset, self.hparams.batch_size, self.num_workers, shuffle, drop_last)
 
     def _drop_last(self, processes: int) -> bool:
         # Under several processes each one trains on its share of the images: drop the last, partial batch
@@ -410,8 +332,3 @@ class ImageFolderDataModule(L.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         return self._loader(self._eval_set([(p, UNLABELLED) for p in self.predict_pending], self.eval_transform()))
-
-
-def dataset_classes(root: str, format: str = "folder") -> list[str]:
-    """The classes of the data at ``root``, without reading its images (for the model, before the scan)."""
-    return read_split(root).class_names if format == "litdata" else list_classes(Path(root))

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from torch.utils.data import Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from sedense.data.images import load_image
 from sedense.errors import DataError
@@ -150,3 +150,20 @@ class EvalSampler(DistributedSampler):
 
     def __len__(self) -> int:
         return self.num_samples
+
+
+def make_loader(dataset, batch_size: int, num_workers: int, shuffle: bool = False, drop_last: bool = False):
+    """The loader of a stage: LitData's for its streams (it shards, shuffles and resumes them itself); otherwise a
+    DataLoader, which under several processes evaluates through :class:`EvalSampler` (every image once)."""
+    from sedense.data.streaming import StreamingImages, collate_present
+
+    if isinstance(dataset, StreamingImages):
+        from litdata import StreamingDataLoader
+
+        return StreamingDataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_present)
+    sampler = None
+    if not shuffle and torch.distributed.is_available() and torch.distributed.is_initialized():
+        sampler = EvalSampler(dataset)  # every image once, the same number of batches on every process
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, sampler=sampler, drop_last=drop_last,
+                      num_workers=num_workers, persistent_workers=num_workers > 0,
+                      pin_memory=torch.cuda.is_available())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -158,3 +159,25 @@ def scan_dataset(root: Path, val_split: float, seed: int, verify: str = "header"
     classes = scan_class_folders(root, verify=verify, skipped=skipped, short_side=short_side)
     train, val = stratified_split(classes, val_split, seed)
     return Split(sorted(classes), train, val, [], skipped)
+
+
+def report_skipped(skipped: list[tuple[Path, str]], where: str, strict: bool, warn=warnings.warn) -> None:
+    """One warning (through ``warn``: the first process's alone, under several) for the unusable files under
+    ``where``, which are listed in skipped_files.csv; with ``strict``, one error instead."""
+    if not skipped:
+        return
+    first, reason = skipped[0]
+    if strict:
+        raise DataError(f"data.strict: {len(skipped)} file(s) under {where} cannot be used, e.g. {first} ({reason}); "
+                        "fix or remove them, or set data.strict: false to skip them")
+    warn(f"Skipping {len(skipped)} unusable file(s) under {where}, e.g. {first} ({reason}); "
+         "all are listed in skipped_files.csv in the run directory")
+
+
+def dataset_classes(root: str, format: str = "folder") -> list[str]:
+    """The classes of the data at ``root``, without reading its images (for the model, before the scan)."""
+    if format == "litdata":
+        from sedense.data.streaming import read_split
+
+        return read_split(root).class_names
+    return list_classes(Path(root))
