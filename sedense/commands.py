@@ -22,6 +22,7 @@ OWN = {
     "export": "write a checkpoint as ONNX (optionally INT8) or TorchScript, checked against PyTorch",
     "serve": "an HTTP service with a page to try the model",
     "optimize": "write a labelled folder as LitData chunks to stream from",
+    "compare": "whether models differ on the same labelled photos: intervals, paired difference, McNemar",
     "digits": "write scikit-learn's handwritten digits as an image folder (the demo's data)",
 }
 
@@ -40,6 +41,10 @@ def own_command(name: str):
         from sedense.data.streaming import optimize_command
 
         return optimize_command
+    if name == "compare":
+        from sedense.compare import compare_command
+
+        return compare_command
     from sedense.data.digits import digits_command
 
     return digits_command

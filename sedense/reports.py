@@ -9,10 +9,11 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from sedense.intervals import intervals
 from sedense.runs import Location, write_file
 
 MEAN_KEYS = ("mean precision", "mean recall", "mean specificity", "mean f1 score")
-SUMMARY_KEYS = ("accuracy", *MEAN_KEYS, "absent classes")
+SUMMARY_KEYS = ("accuracy", *MEAN_KEYS, "absent classes", "intervals")
 CLASS_PREFIX = "class:"
 
 
@@ -38,7 +39,9 @@ def class_metrics(matrix: np.ndarray | Sequence, class_names: Sequence[str]) -> 
     source's shape: ``{"accuracy": .., "<class>": {"Precision": .., ...}, "mean precision": ..}``, each class
     under :func:`class_key` of its name. The means are over the classes the images hold: a class with no image
     (a test folder with some of the model's classes) is listed, with its scores of 0, but not averaged in, as
-    scikit-learn does given the present labels; ``"absent classes"`` then names it.
+    scikit-learn does given the present labels; ``"absent classes"`` then names it. ``"intervals"`` holds the 95%
+    interval of every figure (:mod:`sedense.intervals`: Wilson's for accuracy, a bootstrap over images for the
+    others), beside the source's keys.
     """
     cm = np.asarray(matrix, dtype=np.float64)
     tp = np.diag(cm)
@@ -62,6 +65,7 @@ def class_metrics(matrix: np.ndarray | Sequence, class_names: Sequence[str]) -> 
         out[key] = float(values[present].mean())
     if not present.all():
         out["absent classes"] = [name for name, here in zip(class_names, present) if not here]
+    out["intervals"] = intervals(cm, [class_key(name) for name in class_names])
     return out
 
 
@@ -93,6 +97,11 @@ def format_report(metrics: dict, class_names: Sequence[str], support: Sequence[i
         f"{'macro avg':>{width}}  {metrics['mean precision']:9.4f}  {metrics['mean recall']:9.4f}"
         f"  {metrics['mean specificity']:11.4f}  {metrics['mean f1 score']:9.4f}  {total:9d}",
     ]
+    spans = metrics.get("intervals")
+    if spans:
+        lines.append(f"95% intervals: accuracy {spans['accuracy'][0]:.4f}-{spans['accuracy'][1]:.4f} (Wilson), "
+                     f"mean F1 {spans['mean f1 score'][0]:.4f}-{spans['mean f1 score'][1]:.4f} (bootstrap over "
+                     "images); per class in the JSON report")
     absent = metrics.get("absent classes")
     if absent:
         present = len(class_names) - len(absent)

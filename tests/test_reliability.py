@@ -203,7 +203,7 @@ def test_class_names_never_overwrite_report_keys_or_confuse_the_top_k_column(tmp
     run = tmp_path / "lightning_logs" / "version_0"
     info = json.loads((run / "metrics.json").read_text())["epoch:0"]["valid info"]
     assert set(info) == {"accuracy", "mean precision", "mean recall", "mean specificity", "mean f1 score",
-                         "a;b:c", "class:accuracy", "class:class:glass", "class:mean precision"}
+                         "a;b:c", "class:accuracy", "class:class:glass", "class:mean precision", "intervals"}
     matrix = np.array(read_matrix(run / "confusion_matrix_val.csv"))
     assert info["accuracy"] == pytest.approx(np.trace(matrix) / matrix.sum())
     assert info["class:accuracy"]["Recall"] == pytest.approx(matrix[1, 1] / matrix[1].sum())

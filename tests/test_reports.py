@@ -64,8 +64,17 @@ def test_empty_matrix_gives_zeros_not_nan():
     assert metrics["accuracy"] == 0.0
 
 
-def flatten(metrics: dict) -> dict:
-    return {f"{k}/{kk}": vv for k, v in metrics.items() for kk, vv in (v.items() if isinstance(v, dict) else [("", v)])}
+def flatten(metrics: dict, prefix: str = "") -> dict:
+    """Every number of a metrics dict by its path, intervals' bounds too."""
+    out = {}
+    for key, value in metrics.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}/"))
+        elif isinstance(value, list):
+            out.update({f"{prefix}{key}/{i}": v for i, v in enumerate(value)})
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def assert_png(path: Path, min_bytes: int = 3000):
@@ -89,7 +98,7 @@ def test_fit_reports_match_scikit_learn_on_predictions_of_the_best_checkpoint(tm
     for entry in history.values():
         assert set(entry) == {"train info", "valid info"}
         for info in entry.values():
-            assert set(info) == {"accuracy", *names, *MEAN_KEYS}
+            assert set(info) == {"accuracy", *names, *MEAN_KEYS, "intervals"}  # the seed's keys, and one beside
             assert set(info["glass"]) == {"Precision", "Recall", "Specificity", "F1 score"}
     with open(run / "results.csv", newline="") as f:
         rows = list(csv.DictReader(f))
@@ -195,3 +204,34 @@ def test_pictures_keep_to_their_share_of_the_time_and_the_last_ones_are_always_d
     bad = run_cli([*fit, "--reports.picture_share", "2"], tmp_path, check=False)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].endswith(
         "reports.picture_share must be between 0 and 1, got 2.0") and "Traceback" not in bad.stderr
+
+
+def test_intervals_match_wilson_s_formula_and_a_bootstrap_of_the_images_themselves():
+    import math
+
+    from scipy.stats import bootstrap
+    from sklearn.metrics import f1_score
+
+    from sedense.intervals import intervals, wilson
+
+    matrix = np.array([[40, 5, 3], [6, 30, 4], [2, 3, 7]])  # 100 images, an imbalanced third class
+    n, k = int(matrix.sum()), int(np.trace(matrix))
+    z, p = 1.959963984540054, k / n
+    centre, half = (p + z * z / (2 * n)) / (1 + z * z / n), z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n
+                                                                                      + z * z / (4 * n * n))
+    assert wilson(k, n) == pytest.approx((centre - half, centre + half), abs=1e-9)
+    truth = np.repeat(np.arange(3), matrix.sum(1))
+    predicted = np.concatenate([np.repeat(np.arange(3), row) for row in matrix])
+    spans = intervals(matrix, ["a", "b", "c"], resamples=2000)
+    assert spans["accuracy"] == pytest.approx(list(wilson(k, n)), abs=1e-4)
+
+    def class_f1(t, q, axis=-1):
+        return np.apply_along_axis(lambda row: f1_score(row[: len(row) // 2], row[len(row) // 2:], labels=[2],
+                                                        average="macro", zero_division=0), axis,
+                                   np.concatenate([t, q], axis=axis))
+
+    reference = bootstrap((truth, predicted), class_f1, paired=True, vectorized=True, n_resamples=2000,
+                          method="percentile", random_state=1).confidence_interval
+    assert spans["c"]["F1 score"] == pytest.approx([reference.low, reference.high], abs=0.03)
+    low, high = spans["mean f1 score"]
+    assert low < class_metrics(matrix, ["a", "b", "c"])["mean f1 score"] < high

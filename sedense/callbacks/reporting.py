@@ -200,6 +200,8 @@ class ReportWriter(L.Callback):
         matrix, loss = self._compute("val")
         metrics = reports.class_metrics(matrix, pl_module.class_names)
         pl_module.log("val_mean_f1", metrics["mean f1 score"])
+        low, high = metrics["intervals"]["accuracy"]
+        pl_module.log_dict({"val_acc_ci/low": low, "val_acc_ci/high": high})
         for name in pl_module.class_names:
             pl_module.log(f"val_f1/{name}", metrics[reports.class_key(name)]["F1 score"])
         if trainer.state.fn == "validate":
