@@ -157,21 +157,24 @@ class PredictionWriter(BasePredictionWriter):
         """Whether the rows are read back from this process's journal at the end instead of kept in memory."""
         return self._journal is not None and trainer.world_size == 1
 
-    def _read_journals(self) -> dict[str, str]:
-        """Rows of this prediction in the run folder's journals, by path: of this same command, and of inputs
-        unchanged since (a cut-off last line, rows of another command and rows of a replaced photo are left out)."""
-        rows: dict[str, str] = {}
+    def _read_journals(self) -> dict[str, tuple[Path, int]]:
+        """Where each row of this prediction lies in the run folder's journals (file, offset), by path: rows of this
+        same command, of inputs unchanged since (a cut-off last line, rows of another command and rows of a
+        replaced photo are left out). The rows stay on disk: a million of them are never all in memory."""
+        rows: dict[str, tuple[Path, int]] = {}
         if is_remote(self.folder):
             return rows
         for path in sorted(Path(self.folder).glob(f"{JOURNAL}.*.jsonl")):
-            with open(path, encoding="utf-8") as f:
-                for line in f:
+            with open(path, "rb") as f:
+                offset = 0
+                for raw in f:
                     try:
-                        record = json.loads(line)
+                        record = json.loads(raw)
                         if record["run"] == self.run_id and record["input"] == input_stamp(record["path"]):
-                            rows[record["path"]] = line.rstrip("\n")
+                            rows[record["path"]] = (path, offset)
                     except (ValueError, KeyError, TypeError):
-                        continue
+                        pass
+                    offset += len(raw)
         return rows
 
     # ----------------------------------------------------------------------------- each batch
@@ -257,17 +260,28 @@ class PredictionWriter(BasePredictionWriter):
         print(f"Predicted {count} image{'' if count == 1 else 's'}{skipped}")
         print("Wrote " + ", ".join(str(p) for p in written))
 
-    def _records(self, rows: dict[str, str]):
-        """The final records in input order, each input once, without the journal's own keys."""
-        for path in self.files:
-            line = rows.get(str(path))
-            if line is not None:
-                record = json.loads(line)
+    def _records(self, rows: dict):
+        """The final records in input order, each input once, without the journal's own keys: read from the
+        journals (``(file, offset)``) or from the lines gathered in memory."""
+        journals: dict[Path, object] = {}
+        try:
+            for path in self.files:
+                row = rows.get(str(path))
+                if row is None:
+                    continue
+                if isinstance(row, tuple):
+                    f = journals.get(row[0]) or journals.setdefault(row[0], open(row[0], "rb"))  # noqa: SIM115
+                    f.seek(row[1])
+                    row = f.readline()
+                record = json.loads(row)
                 record.pop("run", None)
                 record.pop("input", None)
                 yield record
+        finally:
+            for f in journals.values():
+                f.close()
 
-    def _csv_chunks(self, rows: dict[str, str], k: int):
+    def _csv_chunks(self, rows: dict, k: int):
         yield f"path,class,confidence,top{k}\n"
         for r in self._records(rows):
             line = io.StringIO()
@@ -275,7 +289,7 @@ class PredictionWriter(BasePredictionWriter):
             csv.writer(line, lineterminator="\n").writerow([r["path"], r["class"], f"{r['confidence']:.6f}", top])
             yield line.getvalue()
 
-    def _json_chunks(self, rows: dict[str, str]):
+    def _json_chunks(self, rows: dict):
         """``predictions.json``, a record at a time (a million rows are never one string in memory)."""
         first = True
         for record in self._records(rows):
