@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import itertools
 import json
 import os
 from pathlib import Path
@@ -42,11 +43,9 @@ def classify(model_file: str, photos: list[Path], tta: bool, batch_size: int = 3
     model = InferenceModel.from_file(model_file)
     model.tta = model.tta or tta
     transform, answers = model.preprocessing.eval_transform(), [None] * len(photos)
-    skipped: list = []
-    readable = list(readable_inputs(photos, transform, model.preprocessing.resize_size, skipped))
+    readable = readable_inputs(photos, transform, model.preprocessing.resize_size, [])
     with torch.inference_mode():
-        for start in range(0, len(readable), batch_size):
-            chunk = readable[start:start + batch_size]
+        while chunk := list(itertools.islice(readable, batch_size)):  # a batch of images in memory at a time
             predicted = model.log_probs(torch.stack([t for _, t in chunk])).argmax(1).tolist()
             for (i, _), k in zip(chunk, predicted):
                 answers[i] = model.class_names[k]

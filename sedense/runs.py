@@ -1,4 +1,4 @@
-"""The run directory: where a run's files go, how they are written, and the ``best``/``last`` checkpoint aliases.
+"""The run directory: where a run's files go and how they are written (checkpoints: ``sedense.checkpoints``).
 
 Every file sedense writes goes through :func:`write_file`. On a local disk it is written to a temporary file
 beside its destination, synced, renamed into place and the folder synced: a kill or a full disk at any moment

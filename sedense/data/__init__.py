@@ -1,7 +1,7 @@
 """Image data, one module a job: ``images`` (files, checks, decoding), ``transforms``, ``folders`` (classes and the
 split), ``datasets`` and ``datamodule`` (the LightningDataModule).
 
-The names below are importable from ``sedense.data`` too; they are loaded on first use, so that importing, print_once,
+The names below are importable from ``sedense.data`` too; they are loaded on first use, so that importing, say,
 ``sedense.data.images`` does not import Lightning.
 """
 

@@ -24,8 +24,9 @@ IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tif
 MAX_RESIZED_PIXELS = 2**22
 # No photo is thinner than this; every crop of such a strip, for training or evaluation, is mostly padding or blur.
 MAX_ASPECT_RATIO = 64
+FILTER_CHUNK = 4096  # files checked at a time: a pending check costs about 1 KB, so a million would cost a gigabyte
 
-# Reasons a file could not be read that print_once nothing about the file itself (permissions can be fixed, a disk or a
+# Reasons a file could not be read that say nothing about the file itself (permissions can be fixed, a disk or a
 # network mount recovers, the process runs out of handles): checked again next time, never remembered.
 TRANSIENT_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.EIO, errno.EMFILE, errno.ENFILE, errno.EAGAIN,
                               errno.EINTR, errno.ENOMEM, errno.ESTALE, errno.EBUSY, errno.ETIMEDOUT})
@@ -105,9 +106,12 @@ def check_image(path: Path | BinaryIO, verify: str = "header", short_side: int |
     """Why ``path`` (a file, or an open binary stream) cannot be used as an image, or ``None`` (see
     :func:`inspect_image`); with ``short_side``, also an image too thin to resize to it (:func:`resize_reason`)."""
     reason, size, _ = inspect_image(path, verify)
-    if reason is None and size is not None:
-        reason = resize_reason(*size, short_side)
-    return reason
+    return verdict(reason, size, short_side)
+
+
+def verdict(reason: str | None, size: tuple[int, int] | None, short_side: int | None) -> str | None:
+    """A file's reason not to be used: its check's, or, for a usable image, its resize's (:func:`resize_reason`)."""
+    return resize_reason(*size, short_side) if reason is None and size is not None else reason
 
 
 def filter_images(
@@ -122,7 +126,7 @@ def filter_images(
     good: list[Path] = []
     bad: list[tuple[Path, str]] = []
     with ThreadPoolExecutor(8) as pool:
-        for start in range(0, len(paths), FILTER_CHUNK):  # a chunk at a time: one future per file costs ~1 KB
+        for start in range(0, len(paths), FILTER_CHUNK):
             chunk = paths[start:start + FILTER_CHUNK]
             found: list = [None] * len(chunk)
             todo: list[tuple[int, os.stat_result | None]] = []
@@ -142,16 +146,12 @@ def filter_images(
                 if index is not None and lasting:
                     index.record(chunk[i], stat, verify, reason, size)
             for path, (reason, size) in zip(chunk, found):
-                if reason is None and size is not None:
-                    reason = resize_reason(*size, short_side)
+                reason = verdict(reason, size, short_side)
                 if reason is None:
                     good.append(path)
                 else:
                     bad.append((path, reason))
     return good, bad
-
-
-FILTER_CHUNK = 4096
 
 GLOB_CHARS = set("*?[")
 

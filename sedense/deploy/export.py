@@ -99,9 +99,9 @@ def export(ckpt_path: Path | str, fmt: str, out_dir: Path | None = None, images:
     The checkpoint (a local file or a URL) is read once. The model is written to a temporary file and checked
     against PyTorch first: a model that fails the check is deleted, and neither it nor its sidecar files replace
     anything already in ``out_dir``. With ``quantize="int8"`` (ONNX) an INT8 model is made from it and checked too
-    (``sedense.quantize``); when it is refused, nothing is written. An export without ``quantize`` removes the INT8
-    files an earlier export left in ``out_dir``: they belong to another model. Files get the permissions of the
-    user's umask, as any file they create.
+    (``sedense.deploy.quantize``); when it is refused, nothing is written. An export without ``quantize`` removes
+    the INT8 files an earlier export left in ``out_dir``: they belong to another model. Files get the permissions of
+    the user's umask, as any file they create.
     """
     checkpoint = read_checkpoint(ckpt_path, trusted)  # once: the model, its preprocessing and its data's folder
     model = InferenceModel.from_checkpoint(checkpoint, str(ckpt_path))

@@ -1,6 +1,6 @@
 """A DenseNet's ONNX graph made ready for integer arithmetic: the same numbers, in operators that quantize well.
 
-``sedense.quantize`` runs these on the float model before ONNX Runtime quantizes it:
+``sedense.deploy.quantize`` runs these on the float model before ONNX Runtime quantizes it:
 
 - ``integer_graph`` (exact): every operator gets an integer kernel and the concatenations copy less.
   Norms left after Conv+BatchNormalization fusion become depthwise 1x1 convolutions; squeeze-and-excitation

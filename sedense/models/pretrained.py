@@ -137,7 +137,7 @@ def load_backbone(model: nn.Module, state: Mapping[str, torch.Tensor], source: s
 
 def load_initial_weights(net: nn.Module, options, class_names: list[str]) -> str | None:
     """Load the model options' ``pretrained`` (torchvision's weights) or ``weights`` (a file) into ``net``; the head
-    stays fresh unless the file's classes are ``class_names``. Returns what was loaded, to print_once, or ``None``."""
+    stays fresh unless the file's classes are ``class_names``. Returns what was loaded, to report, or ``None``."""
     if options.get("pretrained"):
         state, load_head = load_official_state_dict(options["arch"]), False
         source = f"torchvision's {options['arch']} weights"
