@@ -16,13 +16,14 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from sedense.callbacks import FreezeBackbone, PredictionWriter, ReportWriter
+from sedense.callbacks.calibration import Calibrator
 from sedense.callbacks.prediction_state import prediction_manifest, unfinished_prediction
 from sedense.callbacks.run_guard import RunGuard
 from sedense.callbacks.runfiles import RunFiles
 from sedense.checkpoints import AtomicCheckpointIO, read_checkpoint, resolve_ckpt_path, run_version
 from sedense.data.datamodule import ImageFolderDataModule
 from sedense.data.folders import dataset_classes
-from sedense.deploy.inference import is_exported, load_exported
+from sedense.deploy.inference import exported_calibration, is_exported, load_exported
 from sedense.errors import ConfigError
 from sedense.models.pretrained import official_weights
 from sedense.module import ImageClassifier
@@ -93,6 +94,7 @@ class SedenseCLI(LightningCLI):
         parser.add_lightning_class_args(FreezeBackbone, "finetuning")
         parser.add_lightning_class_args(PredictionWriter, "predict_writer")
         parser.add_lightning_class_args(ReportWriter, "reports")
+        parser.add_lightning_class_args(Calibrator, "calibration")
         # How the model sees an image is the model's: the data's preprocessing (from the options, the pretrained
         # weights or the checkpoint, set before anything is built) goes to the model when both are built.
         parser.link_arguments("data.preprocessing", "model.preprocessing", apply_on="instantiate")
@@ -122,6 +124,7 @@ class SedenseCLI(LightningCLI):
             # written beside it; there is no Lightning checkpoint to restore.
             self.exported, self.ckpt = ckpt, None
             cfg.model.class_names, preprocessing = load_exported(ckpt)
+            cfg.model.calibration = exported_calibration(ckpt).to_dict()
             cfg.data.preprocessing = Namespace(**preprocessing.to_dict())
             return
         self.checkpoint = read_checkpoint(ckpt, trusted=cfg.get("weights_only") is False)
@@ -213,6 +216,7 @@ class SedenseCLI(LightningCLI):
             score = ckpt.best_model_score
             print(f"Best checkpoint: {ckpt.best_model_path} ({ckpt.monitor}={float(score):.4f})")
             print(f"Run directory: {run_dir(self.trainer)}")
+            print(f"Calibrated the final weights: {self.model.calibration.summary()}")
 
 
 def cli_main(args: list[str] | None = None, run: bool = True, guard: RunGuard | None = None) -> SedenseCLI:

@@ -9,7 +9,7 @@ import threading
 from lightning.pytorch.utilities import rank_zero_only
 
 from sedense.callbacks.run_guard import RunGuard
-from sedense.errors import STORAGE_ERRNOS, SedenseError, StorageError
+from sedense.errors import STORAGE_ERRNOS, ConfigError, SedenseError, StorageError
 
 # LightningCLI's subcommands, then sedense's own: each with the line `sedense --help` shows.
 LIGHTNING = {
@@ -17,6 +17,7 @@ LIGHTNING = {
     "validate": "score a checkpoint on the validation images of its data",
     "test": "score a checkpoint on a labelled test folder, with a per-class table",
     "predict": "classify new photos with a checkpoint or an exported model",
+    "calibrate": "fit a checkpoint's temperature, and the threshold of --target_precision, on its validation images",
 }
 OWN = {
     "export": "write a checkpoint as ONNX (optionally INT8) or TorchScript, checked against PyTorch",
@@ -48,6 +49,15 @@ def own_command(name: str):
     from sedense.data.digits import digits_command
 
     return digits_command
+
+
+def calibrate_args(argv: list[str]) -> list[str]:
+    """``sedense calibrate`` is ``sedense validate`` that fits the calibration and writes it into the checkpoint."""
+    if not any(a == "--ckpt_path" or a.startswith("--ckpt_path=") for a in argv) and not {"-h", "--help"} & set(argv):
+        raise ConfigError("sedense calibrate needs --ckpt_path: a checkpoint of `sedense fit`, best or last")
+    args = ["--calibration.target_precision" if a == "--target_precision" else
+            a.replace("--target_precision=", "--calibration.target_precision=") for a in argv]
+    return ["validate", "--calibration.update_checkpoint", "true", *args]
 
 
 def overview() -> str:
@@ -87,6 +97,10 @@ def main(args: list[str] | None = None) -> None:
         elif argv[0] in LIGHTNING or argv[0].startswith("-"):  # LightningCLI's options before the subcommand
             from sedense.cli import cli_main
 
+            if argv[0] == "calibrate" and args is None:
+                sys.argv[1:] = calibrate_args(argv[1:])  # LightningCLI reads the command line itself
+            elif argv[0] == "calibrate":
+                args = calibrate_args(argv[1:])
             cli_main(args, guard=guard)  # None: LightningCLI reads sys.argv itself
         else:
             raise SedenseError(f"unknown command {argv[0]!r}; the commands are {', '.join([*LIGHTNING, *OWN])} "

@@ -15,6 +15,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torchmetrics.classification import MulticlassAccuracy
 
+from sedense.calibration import Calibration
 from sedense.callbacks.time_budget import TimeBudget
 from sedense.data.datasets import UNREADABLE
 from sedense.data.transforms import batch_mixer
@@ -75,6 +76,7 @@ class ImageClassifier(L.LightningModule):
             it); validation, test and prediction run eager.
         tta: test-time augmentation in validation, test and prediction: average each image's class
             probabilities with its mirror image's (twice the compute).
+        calibration: the temperature and threshold fitted on validation (set by ``fit`` and ``sedense calibrate``).
         preprocessing: how the model sees an image; linked from ``data.preprocessing`` by the command line.
         exported: classify with this exported model (``.onnx`` or TorchScript, set by ``--ckpt_path``) instead of
             building a network: for ``predict`` only.
@@ -113,6 +115,7 @@ class ImageClassifier(L.LightningModule):
         progressive_resize: float = 1.0,
         compile: bool = False,
         tta: bool = False,
+        calibration: dict | None = None,
         preprocessing: Preprocessing = Preprocessing(),
         exported: str | None = None,
     ) -> None:
@@ -122,6 +125,7 @@ class ImageClassifier(L.LightningModule):
         self.hparams["preprocessing"] = self.preprocessing.to_dict()  # plain numbers: checkpoints load weights-only
         check_model_options(self.hparams)
         self.class_names = list(class_names)
+        self.calibration = Calibration.from_dict(calibration)
         self.weights_loaded = exported is not None
         self._train_forward = None  # the compiled network's forward, for training steps only
         if exported is not None:
@@ -222,10 +226,6 @@ class ImageClassifier(L.LightningModule):
         self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(y))
         return {"loss": loss, "preds": preds, "target": labels, "shape": tuple(x.shape)}
 
-    def eval_log_probs(self, x: Tensor) -> Tensor:
-        """Log-probabilities for evaluation: of the image, or with ``tta`` of the mean of it and its mirror's."""
-        return class_log_probs(self, x, self.hparams.tta)
-
     def _eval_step(self, batch, prefix: str) -> dict:
         """Scores every labelled image once; unreadable images and padding (targets below 0) are left out."""
         x, y = batch[0], batch[1]
@@ -234,7 +234,8 @@ class ImageClassifier(L.LightningModule):
         unreadable = index[y == UNREADABLE]
         if not bool(scored.all()):
             x, y = x[scored], y[scored]
-        log_probs = self.eval_log_probs(x) if len(y) else torch.zeros(0, self.num_classes, device=y.device)
+        # Uncalibrated: the calibration callback fits the temperature on these.
+        log_probs = class_log_probs(self, x, self.hparams.tta) if len(y) else y.new_zeros(0, self.num_classes).float()
         # Logged with its true batch size, which may be 0: every process logs every batch, so that the
         # epoch's mean is synchronised by all of them.
         loss = F.nll_loss(log_probs, y) if len(y) else log_probs.sum()
@@ -252,7 +253,7 @@ class ImageClassifier(L.LightningModule):
 
     def predict_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
         """Class probabilities of every image of the batch (also of unreadable ones and padding: see the targets)."""
-        return self.eval_log_probs(batch[0]).exp()
+        return class_log_probs(self, batch[0], self.hparams.tta, self.calibration.temperature).exp()
 
     def _log_epoch_accuracy(self, prefix: str) -> None:
         metric = getattr(self, f"{prefix}_acc")

@@ -195,6 +195,31 @@ def results_figure(rows: Sequence[dict]):
     return fig
 
 
+def calibration_figure(before: tuple, after: tuple, curves: dict[str, tuple], threshold: tuple | None):
+    """The reliability diagram before and after temperature scaling (``(mean confidence, accuracy, count)`` per
+    bin), and the risk-coverage curve of each candidate score (``{name: (coverage, precision)}``), with the chosen
+    threshold's ``(coverage, precision)``."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    ax = axes[0]
+    ax.plot([0, 1], [0, 1], color="grey", lw=1, ls="--", label="calibrated")
+    for (mean, accuracy, count), label in ((before, "before"), (after, "after temperature scaling")):
+        used = count > 0
+        ax.plot(mean[used], accuracy[used], marker="o", label=label)
+    ax.set(xlabel="confidence", ylabel="accuracy", title="reliability (validation)", xlim=(0, 1), ylim=(0, 1.02))
+    ax = axes[1]
+    for name, (coverage, precision) in curves.items():
+        ax.plot(coverage, precision, label=f"ranked by {name}")
+    if threshold is not None:
+        ax.plot(*threshold, marker="*", markersize=14, color="black", ls="", label="threshold")
+    ax.set(xlabel="coverage (share answered)", ylabel="precision of the answers", title="risk-coverage (validation)")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(loc="lower right")
+    fig.tight_layout()
+    return fig
+
+
 def render(fig) -> np.ndarray:
     """Draw a figure once and close it; returns its pixels (HWC, uint8 RGB)."""
     fig.canvas.draw()

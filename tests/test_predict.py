@@ -76,6 +76,8 @@ def test_annotate_sort_threshold_tta_and_explain(trained, tmp_path):
     run, _ = predict(trained, str(data), "--predict_writer.annotate", "true", "--predict_writer.explain", "true",
                      "--predict_writer.sort_into", str(tmp_path / "sorted"), "--predict_writer.threshold", "0.5")
     predicted = rows(run / "predictions.csv")
+    for r in predicted:  # the threshold marks the answers it accepts
+        assert r.pop("accepted") == str(float(r["confidence"]) >= 0.5).lower()
     assert predicted == rows(plain / "predictions.csv")
     for r in predicted:
         rel = Path(r["path"]).relative_to(data)

@@ -63,7 +63,9 @@ class PredictionWriter(BasePredictionWriter):
         sort_into: copy (or link) every input into ``<sort_into>/<predicted class>/``. Inputs are never
             modified or deleted; one that already lies where it would be sorted stays as it is.
         sort_mode: ``copy``, ``symlink`` or ``hardlink``.
-        threshold: with ``sort_into``, images whose confidence is below this go to ``uncertain/``.
+        threshold: answers whose (calibrated) confidence is below this are not accepted: ``accepted`` is false in
+            the predictions, and with ``sort_into`` they go to ``uncertain/``. Default: the model's own threshold
+            (``calibration.target_precision`` at fit, or ``sedense calibrate``), else every answer is accepted.
         explain: also write a Grad-CAM heat map over every image (what the network looked at for
             its top class) in ``explained/``; needs the ``explain`` extra (``grad-cam``).
     """
@@ -74,13 +76,13 @@ class PredictionWriter(BasePredictionWriter):
         annotate: bool = False,
         sort_into: str | None = None,
         sort_mode: Literal["copy", "symlink", "hardlink"] = "copy",
-        threshold: float = 0.0,
+        threshold: float | None = None,
         explain: bool = False,
     ) -> None:
         super().__init__(write_interval="batch")
         if top_k < 1:
             raise ConfigError(f"predict_writer.top_k must be >= 1, got {top_k}")
-        if not 0 <= threshold <= 1:
+        if threshold is not None and not 0 <= threshold <= 1:
             raise ConfigError(f"predict_writer.threshold must be in [0, 1], got {threshold}")
         if sort_mode not in ("copy", "symlink", "hardlink"):
             raise ConfigError(f"predict_writer.sort_mode must be copy, symlink or hardlink, got {sort_mode!r}")
@@ -88,6 +90,7 @@ class PredictionWriter(BasePredictionWriter):
         self.sort_into = Path(sort_into) if sort_into else None
         self.sort_mode, self.threshold = sort_mode, threshold
         self.manifest: dict | None = None  # what identifies this prediction (set by the command line), to continue it
+        self.cutoff: float | None = None  # the threshold in force: this option's, or the model's
         self._reset()
 
     def _reset(self) -> None:
@@ -118,6 +121,7 @@ class PredictionWriter(BasePredictionWriter):
         self.files = list(data.predict_files)
         self.root = Path(str(data.predict_root)) if data.predict_root else None
         self.run_id = self.identity(pl_module)
+        self.cutoff = self.threshold if self.threshold is not None else pl_module.calibration.threshold
         if self.annotate or self.explain or self.sort_into is not None:  # names of the files made from the inputs
             names = output_names(self.files, self.root)
             self.names = {str(p): n for p, n in zip(self.files, names)}
@@ -191,6 +195,8 @@ class PredictionWriter(BasePredictionWriter):
                 self.failed.append(str(path))
                 continue
             record = {"path": str(path), **reports.topk_record(prediction[row], names, self.top_k)}
+            if self.cutoff is not None:
+                record["accepted"] = record["confidence"] >= self.cutoff
             keep.append(row)
             lines.append(json.dumps({**record, "run": self.run_id, "input": input_stamp(path)}, ensure_ascii=False))
             self._make_copies(path, record)
@@ -209,7 +215,7 @@ class PredictionWriter(BasePredictionWriter):
             dst = Path(self.folder) / "annotated" / self.annotated[str(path)]
             annotate_image(path, f"{record['class']} {record['confidence']:.2f}", dst)
         if self.sort_into is not None:
-            label = record["class"] if record["confidence"] >= self.threshold else "uncertain"
+            label = record["class"] if record.get("accepted", True) else "uncertain"
             place_file(path, self.sort_into / label / self.names[str(path)], self.sort_mode, self.inputs)
 
     def _explain(self, trainer: L.Trainer, pl_module: L.LightningModule, x: torch.Tensor, paths: list[Path]) -> None:
@@ -282,11 +288,14 @@ class PredictionWriter(BasePredictionWriter):
                 f.close()
 
     def _csv_chunks(self, rows: dict, k: int):
-        yield f"path,class,confidence,top{k}\n"
+        accepted = self.cutoff is not None
+        yield f"path,class,confidence,{'accepted,' if accepted else ''}top{k}\n"
         for r in self._records(rows):
             line = io.StringIO()
             top = json.dumps({t["class"]: round(t["probability"], 4) for t in r["top_k"]}, ensure_ascii=False)
-            csv.writer(line, lineterminator="\n").writerow([r["path"], r["class"], f"{r['confidence']:.6f}", top])
+            cells = [r["path"], r["class"], f"{r['confidence']:.6f}"]
+            cells += [str(r.get("accepted", True)).lower()] if accepted else []
+            csv.writer(line, lineterminator="\n").writerow([*cells, top])
             yield line.getvalue()
 
     def _json_chunks(self, rows: dict):

@@ -14,9 +14,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from sedense.calibration import Calibration
 from sedense.checkpoints import read_checkpoint
 from sedense.data.images import filter_images, list_images, readable_inputs, skipped_note
-from sedense.deploy.inference import InferenceModel, onnx_session
+from sedense.deploy.inference import InferenceModel, onnx_session, tempered
 from sedense.deploy.quantize import (
     CALIBRATION_IMAGES,
     CALIBRATION_METHODS,
@@ -59,10 +60,18 @@ def eval_batch(pre: Preprocessing, images: Path | None, n: int = 8) -> tuple[tor
     return torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0)), described
 
 
-def sidecar_files(out_dir: Path, class_names: list[str], pre: Preprocessing, model_file: str) -> None:
-    """``class_indices.json`` and ``preprocessing.json``: what a program needs to use the exported file."""
+def sidecar_files(out_dir: Path, class_names: list[str], pre: Preprocessing, model_file: str,
+                  calibration: Calibration) -> list[Path]:
+    """``class_indices.json`` and ``preprocessing.json``: what a program needs to use the exported file; and for a
+    model with a threshold ``calibration.json`` (the threshold, with its figures; the temperature is in the model)."""
     write_file(out_dir / "class_indices.json", class_indices_json(class_names))
     write_file(out_dir / "preprocessing.json", json.dumps(pre.sidecar(len(class_names), model_file), indent=2))
+    if calibration.threshold is None:
+        (out_dir / "calibration.json").unlink(missing_ok=True)  # another model's
+        return []
+    write_file(out_dir / "calibration.json", json.dumps({**calibration.to_dict(), "temperature_in_model": True},
+                                                        indent=2))
+    return [out_dir / "calibration.json"]
 
 
 def export_onnx(net: nn.Module, example: torch.Tensor, path: Path) -> None:
@@ -106,7 +115,8 @@ def export(ckpt_path: Path | str, fmt: str, out_dir: Path | None = None, images:
     checkpoint = read_checkpoint(ckpt_path, trusted)  # once: the model, its preprocessing and its data's folder
     model = InferenceModel.from_checkpoint(checkpoint, str(ckpt_path))
     preprocessing = model.preprocessing
-    net = model.net.float().eval().to(memory_format=torch.contiguous_format)
+    # The calibration's temperature goes into the exported file: its softmax is the calibrated probability.
+    net = tempered(model.net, model.calibration.temperature).float().eval().to(memory_format=torch.contiguous_format)
     out_dir = default_out_dir(ckpt_path) if out_dir is None else out_dir
     path = out_dir / FORMATS[fmt]
     try:
@@ -149,7 +159,7 @@ def export(ckpt_path: Path | str, fmt: str, out_dir: Path | None = None, images:
             os.chmod(tmp_int8, mode)
             os.replace(tmp_int8, out_dir / INT8_FILE)
             written[1:1] = [out_dir / INT8_FILE, out_dir / "quantization.json"]
-        sidecar_files(out_dir, model.class_names, preprocessing, path.name)
+        written += sidecar_files(out_dir, model.class_names, preprocessing, path.name, model.calibration)
         os.chmod(tmp, mode)
         os.replace(tmp, path)
         if not quantize and fmt == "onnx":

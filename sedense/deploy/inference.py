@@ -6,12 +6,14 @@ all load through it; so does ``sedense predict`` for exported files.
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from sedense.calibration import Calibration
 from sedense.checkpoints import is_torchscript, read_checkpoint
 from sedense.data.folders import check_class_names
 from sedense.errors import ConfigError, first_line, require_extra
@@ -80,23 +82,53 @@ def load_exported(path: str | Path) -> tuple[list[str], Preprocessing]:
     return check_class_names(names, str(folder / "class_indices.json")), pre
 
 
+def exported_calibration(path: str | Path) -> Calibration:
+    """The calibration written beside an exported model (``calibration.json``): its threshold; its temperature is in
+    the model already. None written: an uncalibrated model."""
+    sidecar = Path(path).parent / "calibration.json"
+    try:
+        data = json.loads(sidecar.read_text(encoding="utf-8")) if sidecar.exists() else {}
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"--ckpt_path {path}: cannot read {sidecar} ({err}); export the model again") from None
+    return Calibration.from_dict({**data, "temperature": 1.0})
+
+
+def tempered(net: nn.Module, temperature: float) -> nn.Module:
+    """A copy of ``net`` whose logits are divided by ``temperature``: folded into its linear head (every DenseNet
+    has one), so that an exported graph holds no extra operation, and its INT8 form quantizes as before."""
+    if temperature == 1.0:
+        return net
+    head = getattr(net, "classifier", None)
+    if not isinstance(head, nn.Linear):
+        raise ConfigError("the calibration's temperature needs a network whose head is a linear `classifier`")
+    net = copy.deepcopy(net)
+    with torch.no_grad():
+        net.classifier.weight.div_(temperature)
+        if net.classifier.bias is not None:
+            net.classifier.bias.div_(temperature)
+    return net
+
+
 class InferenceModel(nn.Module):
-    """A trained classifier ready to classify: its network, classes and preprocessing, and with ``tta`` the mean of
-    each image's and its mirror's probabilities. ``checkpoint`` holds the checkpoint it came from (``None`` for an
-    exported file): export reads the rest of what it needs from there instead of reading the file again."""
+    """A trained classifier ready to classify: its network, classes and preprocessing, its calibration (the
+    temperature its probabilities are divided by, and its threshold), and with ``tta`` the mean of each image's and
+    its mirror's probabilities. ``checkpoint`` holds the checkpoint it came from (``None`` for an exported file):
+    export reads the rest of what it needs from there instead of reading the file again."""
 
     def __init__(self, net: nn.Module, class_names: list[str], preprocessing: Preprocessing, tta: bool = False,
-                 channels_last: bool = False, checkpoint: dict | None = None) -> None:
+                 channels_last: bool = False, checkpoint: dict | None = None,
+                 calibration: Calibration | None = None) -> None:
         super().__init__()
         self.net, self.class_names, self.preprocessing = net, list(class_names), preprocessing
         self.tta, self.channels_last, self.checkpoint = tta, channels_last, checkpoint
+        self.calibration = calibration or Calibration()
 
     @classmethod
     def from_file(cls, path: str | Path, trusted: bool = False) -> InferenceModel:
         """From a checkpoint (plain tensors and numbers only unless ``trusted``) or an exported file, in eval mode."""
         if is_exported(path):
             class_names, preprocessing = load_exported(path)
-            return cls(exported_net(path), class_names, preprocessing).eval()
+            return cls(exported_net(path), class_names, preprocessing, calibration=exported_calibration(path)).eval()
         return cls.from_checkpoint(read_checkpoint(path, trusted), str(path))
 
     @classmethod
@@ -119,7 +151,7 @@ class InferenceModel(nn.Module):
         if hp.get("channels_last"):
             net.to(memory_format=torch.channels_last)
         model = cls(net, names, Preprocessing.from_checkpoint(checkpoint), bool(hp.get("tta")),
-                    bool(hp.get("channels_last")), checkpoint)
+                    bool(hp.get("channels_last")), checkpoint, Calibration.from_dict(hp.get("calibration")))
         return model.eval()
 
     @property
@@ -133,5 +165,5 @@ class InferenceModel(nn.Module):
         return self.net(x)
 
     def log_probs(self, x: torch.Tensor) -> torch.Tensor:
-        """Class log-probabilities of a normalised batch (with ``tta``, of it and its mirror images)."""
-        return class_log_probs(self, x, self.tta)
+        """Calibrated class log-probabilities of a normalised batch (with ``tta``, of it and its mirror images)."""
+        return class_log_probs(self, x, self.tta, self.calibration.temperature)

@@ -180,7 +180,7 @@ def check_options(args: argparse.Namespace) -> None:
         ("max_upload_mb", args.max_upload_mb > 0, "more than 0"),
         ("workers_per_device", args.workers_per_device >= 1, "at least 1"),
         ("port", 0 < args.port < 65536, "a port number from 1 to 65535"),
-        ("threshold", 0 <= args.threshold <= 1, "a probability from 0 to 1"),
+        ("threshold", args.threshold is None or 0 <= args.threshold <= 1, "a probability from 0 to 1"),
         ("body_timeout", args.body_timeout > 0, "more than 0 seconds"),
     ):
         if not ok:
@@ -204,8 +204,9 @@ def serve_command(argv: list[str]) -> None:
                              "with it (a lone request is not kept waiting)")
     parser.add_argument("--max_upload_mb", type=float, default=10.0, help="larger uploads get 413")
     parser.add_argument("--accelerator", default="auto", choices=["auto", "cpu", "cuda", "mps"])
-    parser.add_argument("--threshold", type=float, default=0.5,
-                        help="the page says 'not sure' below this confidence (default 0.5)")
+    parser.add_argument("--threshold", type=float, default=None,
+                        help="the page says 'not sure' below this confidence (default: the model's threshold, from "
+                             "calibrating it with --target_precision; else 0.5)")
     parser.add_argument("--workers_per_device", type=int, default=1, help="model copies per device")
     parser.add_argument("--body_timeout", type=float, default=30.0,
                         help="an upload must arrive within this many seconds (slower ones get 408)")
@@ -218,9 +219,11 @@ def serve_command(argv: list[str]) -> None:
 
     ckpt = resolve_ckpt_path(args.ckpt_path)
     model = InferenceModel.from_file(ckpt, trusted=not args.weights_only)  # fail here, in one line
+    model_threshold, model_target = model.calibration.threshold, model.calibration.target_precision
+    threshold = next(t for t in (args.threshold, model_threshold, 0.5) if t is not None)
     server = build_server(ckpt, model.preprocessing, args.top_k, args.max_batch_size, args.batch_timeout,
                           args.max_upload_mb, args.accelerator, args.workers_per_device, not args.weights_only,
-                          model.class_names, args.threshold, can_explain(model), args.body_timeout)
+                          model.class_names, threshold, can_explain(model), args.body_timeout)
     del model
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"Warning: listening on {args.host}: anyone who can reach this machine can use the service and the "
@@ -228,4 +231,7 @@ def serve_command(argv: list[str]) -> None:
     shown = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
     print(f"Serving {ckpt}: the page at http://{shown}:{args.port}/, the API at /predict (health: /health)",
           flush=True)
+    if args.threshold is None and model_threshold is not None:
+        print(f"The page says 'not sure' below confidence {threshold:.4f}, the model's threshold for "
+              f"{model_target:.0%} precision", flush=True)
     server.run(host=args.host, port=args.port, generate_client_file=False, num_api_servers=1)

@@ -40,12 +40,12 @@ TORCHVISION = {
 _TORCHVISION_KWARGS = ("drop_rate", "memory_efficient")
 
 
-def class_log_probs(forward, x: torch.Tensor, tta: bool = False) -> torch.Tensor:
-    """Class log-probabilities of ``forward(x)``; with ``tta``, of the mean of the image's and its mirror's
-    probabilities (test-time augmentation)."""
+def class_log_probs(forward, x: torch.Tensor, tta: bool = False, temperature: float = 1.0) -> torch.Tensor:
+    """Class log-probabilities of ``forward(x)`` (its logits divided by a calibration's ``temperature``); with
+    ``tta``, of the mean of the image's and its mirror's probabilities (test-time augmentation)."""
     if not tta:
-        return torch.log_softmax(forward(x).float(), dim=1)
-    probs = (forward(x).float().softmax(1) + forward(x.flip(-1)).float().softmax(1)) / 2
+        return torch.log_softmax(forward(x).float() / temperature, dim=1)
+    probs = ((forward(x).float() / temperature).softmax(1) + (forward(x.flip(-1)).float() / temperature).softmax(1)) / 2
     return probs.clamp_min(1e-12).log()
 
 
