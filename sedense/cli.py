@@ -219,16 +219,20 @@ class SedenseCLI(LightningCLI):
             print(f"Calibrated the final weights: {self.model.calibration.summary()}")
 
 
-def cli_main(args: list[str] | None = None, run: bool = True, guard: RunGuard | None = None) -> SedenseCLI:
+def cli_main(args: list[str] | None = None, run: bool = True, guard: RunGuard | None = None,
+             callbacks: tuple = ()) -> SedenseCLI:
     """Run LightningCLI in-process (``args`` as on the command line); returns the CLI object.
 
-    With ``run=False`` the arguments carry no subcommand and only the objects are built.
+    With ``run=False`` the arguments carry no subcommand and only the objects are built. ``callbacks`` join the
+    trainer's (a command built on ``fit``, as ``sedense cv``, watches the run through them).
     """
     warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=r".*The dirpath has changed from.*")
     # Every resumed run writes into its own checkpoints folder, which is not empty by design.
     warnings.filterwarnings("ignore", message=r".*Checkpoint directory .* exists and is not empty.*")
     warnings.filterwarnings("ignore", message=r".*LeafSpec.*is deprecated.*")
+    # Commands built on LightningCLI (calibrate, cv) give it their arguments on purpose.
+    warnings.filterwarnings("ignore", message=r"LightningCLI's args parameter")
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropTips())
     return SedenseCLI(
         ImageClassifier,
@@ -237,7 +241,7 @@ def cli_main(args: list[str] | None = None, run: bool = True, guard: RunGuard | 
         trainer_class=Trainer,  # Lightning's, with trainer.precision: auto
         seed_everything_default=0,
         auto_configure_optimizers=False,  # the optimiser and schedule are model options
-        trainer_defaults={"callbacks": [RunFiles(), guard or RunGuard()]},
+        trainer_defaults={"callbacks": [RunFiles(), guard or RunGuard(), *callbacks]},
         parser_kwargs={"description": "sedense: train and run SE-DenseNet / DenseNet image classifiers."},
         args=args,
         run=run,

@@ -42,6 +42,8 @@ class ImageFolderDataModule(L.LightningDataModule):
         preprocessing: how the model sees an image (input size, evaluation crop, normalisation); the model's.
         val_split: fraction of every class held out for validation (one-folder-per-class layout).
         seed: seed of the split; the same seed gives the same split on every run and process.
+        folds: cross-validation: split into this many stratified folds instead (``val_split`` is then unused) ...
+        fold: ... and validate on this one (0 to ``folds - 1``); ``sedense cv`` trains every fold.
         batch_size: images per batch (per process).
         num_workers: loader processes; ``None`` picks one per core, at most 8.
         crop_scale: area range of the training RandomResizedCrop.
@@ -72,6 +74,8 @@ class ImageFolderDataModule(L.LightningDataModule):
         preprocessing: Preprocessing = Preprocessing(),
         val_split: float = 0.2,
         seed: int = 42,
+        folds: int | None = None,
+        fold: int = 0,
         batch_size: int = 32,
         num_workers: int | None = None,
         crop_scale: tuple[float, float] = (0.08, 1.0),
@@ -90,6 +94,10 @@ class ImageFolderDataModule(L.LightningDataModule):
         super().__init__()
         if not 0 <= val_split < 1:
             raise DataError(f"data.val_split must be in [0, 1), got {val_split}")
+        if folds is not None and not (folds >= 2 and 0 <= fold < folds):
+            raise DataError(f"data.folds must be 2 or more and data.fold from 0 to folds - 1, got {folds} and {fold}")
+        if folds and format == "litdata":
+            raise DataError("data.folds: LitData chunks hold their own split; cross-validate an image folder")
         if batch_size < 1:
             raise DataError(f"data.batch_size must be positive, got {batch_size}")
         if verify not in ("header", "full"):
@@ -158,7 +166,7 @@ class ImageFolderDataModule(L.LightningDataModule):
 
     def _scan(self) -> Split:
         hp, start = self.hparams, time.perf_counter()
-        split = scan_dataset(self.root, hp.val_split, hp.seed, hp.verify, self.largest_resize())
+        split = scan_dataset(self.root, hp.val_split, hp.seed, hp.verify, self.largest_resize(), hp.folds, hp.fold)
         files = len(split.train) + len(split.val) + len(split.test) + len(split.skipped)
         # Printed by the process that scans, which is the first one alone when several train together.
         print(f"Scanned {files:,} files of {len(split.class_names)} classes under {self.root} in "

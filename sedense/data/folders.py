@@ -71,13 +71,19 @@ def scan_class_folders(
 
 
 def stratified_split(
-    classes: dict[str, list[Path]], val_split: float, seed: int
+    classes: dict[str, list[Path]], val_split: float, seed: int, folds: int | None = None, fold: int = 0
 ) -> tuple[list[tuple[Path, str]], list[tuple[Path, str]]]:
-    """Split every class by ``val_split``; the same inputs give the same split on every run and process."""
+    """Split every class by ``val_split``; the same inputs give the same split on every run and process. With
+    ``folds``, fold ``fold`` of a stratified K-fold split instead: every class's shuffled files dealt round the
+    folds, so that over the K folds every file is validated exactly once."""
     train, val = [], []
     for name in sorted(classes):
         files = sorted(classes[name])
         random.Random(f"{seed}:{name}").shuffle(files)
+        if folds:
+            val.extend((p, name) for j, p in enumerate(files) if j % folds == fold)
+            train.extend((p, name) for j, p in enumerate(files) if j % folds != fold)
+            continue
         n_val = int(round(len(files) * val_split))
         if val_split > 0 and len(files) >= 2:
             n_val = min(max(n_val, 1), len(files) - 1)
@@ -123,7 +129,7 @@ def list_classes(root: Path) -> list[str]:
 
 
 def scan_dataset(root: Path, val_split: float, seed: int, verify: str = "header",
-                 short_side: int | None = None) -> Split:
+                 short_side: int | None = None, folds: int | None = None, fold: int = 0) -> Split:
     """Find the classes and files under ``root`` and split them.
 
     ``root`` holding ``train/`` and ``val/`` (and optionally ``test/``) is used as given;
@@ -136,6 +142,9 @@ def scan_dataset(root: Path, val_split: float, seed: int, verify: str = "header"
     if not root.is_dir():
         raise DataError(f"data.root: folder {root} does not exist")
     if (root / "train").is_dir() and (root / "val").is_dir():
+        if folds:
+            raise DataError(f"data.folds: {root} holds train/ and val/, a split of its own; cross-validation splits "
+                            "one folder per class: point data.root at such a folder")
         train_cls = scan_class_folders(root / "train", "data.root train/", verify=verify, skipped=skipped,
                                        short_side=short_side)
         val_cls = scan_class_folders(root / "val", "data.root val/", verify=verify, skipped=skipped,
@@ -157,7 +166,7 @@ def scan_dataset(root: Path, val_split: float, seed: int, verify: str = "header"
             test = match_classes(test_cls, class_names, root / "test", "data.root test/")
         return Split(class_names, train, val, test, skipped)
     classes = scan_class_folders(root, verify=verify, skipped=skipped, short_side=short_side)
-    train, val = stratified_split(classes, val_split, seed)
+    train, val = stratified_split(classes, val_split, seed, folds, fold)
     return Split(sorted(classes), train, val, [], skipped)
 
 
