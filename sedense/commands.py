@@ -23,6 +23,7 @@ OWN = {
     "export": "write a checkpoint as ONNX (optionally INT8) or TorchScript, checked against PyTorch",
     "serve": "an HTTP service with a page to try the model",
     "optimize": "write a labelled folder as LitData chunks to stream from",
+    "audit": "duplicates, leaks across the split, label issues and odd files in a labelled folder",
     "cv": "K-fold cross-validation: every fold trained, out-of-fold probabilities (oof.csv), mean ± sd",
     "compare": "whether models differ on the same labelled photos: intervals, paired difference, McNemar",
     "digits": "write scikit-learn's handwritten digits as an image folder (the demo's data)",
@@ -47,6 +48,10 @@ def own_command(name: str):
         from sedense.compare import compare_command
 
         return compare_command
+    if name == "audit":
+        from sedense.audit.command import audit_command
+
+        return audit_command
     if name == "cv":
         from sedense.crossval import cv_command
 

@@ -120,12 +120,14 @@ def class_indices_json(class_names) -> str:
 
 
 def split_csv(split) -> str:
-    """``split.csv``: every image of a :class:`~sedense.data.folders.Split` with its class and subset."""
+    """``split.csv``: every image of a :class:`~sedense.data.folders.Split` with its class and subset (and its
+    near-duplicate group, when the split keeps groups together)."""
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(["path", "class", "subset"])
+    groups = getattr(split, "groups", None)
+    writer.writerow(["path", "class", "subset", *(["group"] if groups else [])])
     for subset, pairs in (("train", split.train), ("val", split.val), ("test", split.test)):
-        writer.writerows((str(p), c, subset) for p, c in pairs)
+        writer.writerows((str(p), c, subset, *([groups.get(p, "")] if groups else [])) for p, c in pairs)
     return out.getvalue()
 
 

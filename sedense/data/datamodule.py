@@ -19,6 +19,7 @@ from sedense.data.cache import available_memory, default_num_workers, fill_cache
 from sedense.data.datasets import UNLABELLED, ImageListDataset, make_loader
 from sedense.data.folders import Split, match_classes, report_skipped, scan_class_folders, scan_dataset
 from sedense.data.images import filter_images, resolve_inputs
+from sedense.data.options import check_data_options
 from sedense.data.streaming import StreamingImages, read_split
 from sedense.data.transforms import train_transform
 from sedense.errors import DataError
@@ -44,6 +45,9 @@ class ImageFolderDataModule(L.LightningDataModule):
         seed: seed of the split; the same seed gives the same split on every run and process.
         folds: cross-validation: split into this many stratified folds instead (``val_split`` is then unused) ...
         fold: ... and validate on this one (0 to ``folds - 1``); ``sedense cv`` trains every fold.
+        split_groups: ``near_duplicates`` keeps every group of exact and near-duplicate photos on one side of the
+            split (``sedense.audit``), so that validation does not score copies of training photos.
+        audit: print a one-line audit of the data before training: duplicate groups, leaks, label conflicts.
         batch_size: images per batch (per process).
         num_workers: loader processes; ``None`` picks one per core, at most 8.
         crop_scale: area range of the training RandomResizedCrop.
@@ -76,6 +80,8 @@ class ImageFolderDataModule(L.LightningDataModule):
         seed: int = 42,
         folds: int | None = None,
         fold: int = 0,
+        split_groups: Literal["near_duplicates"] | None = None,
+        audit: bool = False,
         batch_size: int = 32,
         num_workers: int | None = None,
         crop_scale: tuple[float, float] = (0.08, 1.0),
@@ -92,28 +98,8 @@ class ImageFolderDataModule(L.LightningDataModule):
         format: Literal["folder", "litdata"] = "folder",
     ) -> None:
         super().__init__()
-        if not 0 <= val_split < 1:
-            raise DataError(f"data.val_split must be in [0, 1), got {val_split}")
-        if folds is not None and not (folds >= 2 and 0 <= fold < folds):
-            raise DataError(f"data.folds must be 2 or more and data.fold from 0 to folds - 1, got {folds} and {fold}")
-        if folds and format == "litdata":
-            raise DataError("data.folds: LitData chunks hold their own split; cross-validate an image folder")
-        if batch_size < 1:
-            raise DataError(f"data.batch_size must be positive, got {batch_size}")
-        if verify not in ("header", "full"):
-            raise DataError(f"data.verify must be header or full, got {verify!r}")
-        if auto_augment not in (None, "trivial", "rand"):
-            raise DataError(f"data.auto_augment must be trivial, rand or null, got {auto_augment!r}")
-        if train_image_size is not None and train_image_size < 1:
-            raise DataError(f"data.train_image_size must be positive, got {train_image_size}")
-        if format not in ("folder", "litdata"):
-            raise DataError(f"data.format must be folder or litdata, got {format!r}")
-        if format == "litdata" and cache:
-            raise DataError("data.cache keeps decoded images of a folder; LitData streams its chunks: drop data.cache")
-        if format == "folder" and root and is_remote(root):
-            raise DataError(f"data.root: {root} is remote; image folders are read from a local disk: write it as "
-                            "chunks with `sedense optimize` and train with --data.format litdata")
         self.save_hyperparameters(ignore=["preprocessing"])
+        check_data_options(self.hparams)
         self.preprocessing = Preprocessing.from_dict(preprocessing)
         self.hparams["preprocessing"] = self.preprocessing.to_dict()  # plain numbers: checkpoints load weights-only
         self.root = (root if is_remote(root) else Path(root)) if root else None
@@ -166,11 +152,19 @@ class ImageFolderDataModule(L.LightningDataModule):
 
     def _scan(self) -> Split:
         hp, start = self.hparams, time.perf_counter()
-        split = scan_dataset(self.root, hp.val_split, hp.seed, hp.verify, self.largest_resize(), hp.folds, hp.fold)
+        grouping = None
+        if hp.split_groups:
+            from sedense.audit.duplicates import near_duplicate_groups as grouping
+        split = scan_dataset(self.root, hp.val_split, hp.seed, hp.verify, self.largest_resize(), hp.folds, hp.fold,
+                             grouping)
         files = len(split.train) + len(split.val) + len(split.test) + len(split.skipped)
         # Printed by the process that scans, which is the first one alone when several train together.
         print(f"Scanned {files:,} files of {len(split.class_names)} classes under {self.root} in "
               f"{time.perf_counter() - start:.1f} s", flush=True)
+        if hp.audit:
+            from sedense.audit.command import audited_files, one_line
+
+            print(one_line(audited_files(split)), flush=True)
         return split
 
     def _report_skipped(self, skipped: list[tuple[Path, str]], where: str) -> None:

@@ -71,24 +71,41 @@ def scan_class_folders(
 
 
 def stratified_split(
-    classes: dict[str, list[Path]], val_split: float, seed: int, folds: int | None = None, fold: int = 0
+    classes: dict[str, list[Path]], val_split: float, seed: int, folds: int | None = None, fold: int = 0,
+    groups: dict[Path, int] | None = None,
 ) -> tuple[list[tuple[Path, str]], list[tuple[Path, str]]]:
     """Split every class by ``val_split``; the same inputs give the same split on every run and process. With
     ``folds``, fold ``fold`` of a stratified K-fold split instead: every class's shuffled files dealt round the
-    folds, so that over the K folds every file is validated exactly once."""
+    folds, so that over the K folds every file is validated exactly once. With ``groups`` (file -> group), the
+    files of a group go to the same side together, with the class of their first file (copies filed under two
+    classes included)."""
+    units: dict[str, list[list[tuple[Path, str]]]] = {}
+    if groups:
+        grouped: dict = {}
+        for name in sorted(classes):
+            for p in classes[name]:
+                grouped.setdefault(groups.get(p, p), []).append((p, name))
+        for members in grouped.values():
+            members.sort()
+            units.setdefault(members[0][1], []).append(members)
+    else:
+        units = {name: [[(p, name)] for p in classes[name]] for name in classes}
     train, val = [], []
-    for name in sorted(classes):
-        files = sorted(classes[name])
-        random.Random(f"{seed}:{name}").shuffle(files)
+    for name in sorted(units):
+        shuffled = sorted(units[name])
+        random.Random(f"{seed}:{name}").shuffle(shuffled)
         if folds:
-            val.extend((p, name) for j, p in enumerate(files) if j % folds == fold)
-            train.extend((p, name) for j, p in enumerate(files) if j % folds != fold)
+            for j, unit in enumerate(shuffled):
+                (val if j % folds == fold else train).extend(unit)
             continue
-        n_val = int(round(len(files) * val_split))
-        if val_split > 0 and len(files) >= 2:
-            n_val = min(max(n_val, 1), len(files) - 1)
-        val.extend((p, name) for p in files[:n_val])
-        train.extend((p, name) for p in files[n_val:])
+        total = sum(len(u) for u in shuffled)
+        n_val = int(round(total * val_split))
+        if val_split > 0 and total >= 2:
+            n_val = min(max(n_val, 1), total - 1)
+        taken = 0
+        for unit in shuffled:
+            (val if taken < n_val else train).extend(unit)
+            taken += len(unit) if taken < n_val else 0
     return sorted(train), sorted(val)
 
 
@@ -101,6 +118,7 @@ class Split:
     val: list[tuple[Path, str]]
     test: list[tuple[Path, str]]
     skipped: list[tuple[Path, str]]  # files that cannot be used, with the reason
+    groups: dict[Path, int] | None = None  # near-duplicate groups kept on one side of the split (split_groups)
 
 
 def match_classes(found: dict[str, list[Path]], class_names: Sequence[str], folder: Path, what: str):
@@ -129,12 +147,14 @@ def list_classes(root: Path) -> list[str]:
 
 
 def scan_dataset(root: Path, val_split: float, seed: int, verify: str = "header",
-                 short_side: int | None = None, folds: int | None = None, fold: int = 0) -> Split:
+                 short_side: int | None = None, folds: int | None = None, fold: int = 0,
+                 grouping=None) -> Split:
     """Find the classes and files under ``root`` and split them.
 
     ``root`` holding ``train/`` and ``val/`` (and optionally ``test/``) is used as given;
     otherwise every sub-folder is a class, split by :func:`stratified_split`. Every file is
     checked with :func:`check_image` (``verify``, ``short_side``); the unusable ones are listed in ``skipped``.
+    ``grouping`` (files -> group) keeps groups together across the split (``data.split_groups``).
     Paths are given as ``root`` is (relative stays relative).
     """
     root = Path(root)
@@ -166,8 +186,9 @@ def scan_dataset(root: Path, val_split: float, seed: int, verify: str = "header"
             test = match_classes(test_cls, class_names, root / "test", "data.root test/")
         return Split(class_names, train, val, test, skipped)
     classes = scan_class_folders(root, verify=verify, skipped=skipped, short_side=short_side)
-    train, val = stratified_split(classes, val_split, seed, folds, fold)
-    return Split(sorted(classes), train, val, [], skipped)
+    groups = grouping([p for files in classes.values() for p in files]) if grouping else None
+    train, val = stratified_split(classes, val_split, seed, folds, fold, groups)
+    return Split(sorted(classes), train, val, [], skipped, groups)
 
 
 def report_skipped(skipped: list[tuple[Path, str]], where: str, strict: bool, warn=warnings.warn) -> None:

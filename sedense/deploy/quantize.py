@@ -84,8 +84,12 @@ def training_data(checkpoint: dict, class_names: list[str]) -> tuple[list[Path],
     if not root or not Path(root).is_dir():
         raise DataError(f"the model's training data ({root or 'not recorded'}) is not here: give images to "
                         "calibrate on with --calibration_data and labelled ones to check with --eval_data")
+    grouping = None
+    if data.get("split_groups"):
+        from sedense.audit.duplicates import near_duplicate_groups as grouping
     split = scan_dataset(Path(root), data.get("val_split", 0.2), data.get("seed", 42), data.get("verify", "header"),
-                         Preprocessing.from_checkpoint(checkpoint).resize_size, data.get("folds"), data.get("fold", 0))
+                         Preprocessing.from_checkpoint(checkpoint).resize_size, data.get("folds"), data.get("fold", 0),
+                         grouping)
     if split.class_names != list(class_names):
         raise DataError(f"the classes under {root} are no longer the model's: give --calibration_data and --eval_data")
     return [p for p, _ in split.train], [(p, class_names.index(c)) for p, c in split.val], str(root)
