@@ -66,7 +66,7 @@ class Calibration:
             return "not calibrated"
         text = f"temperature {self.temperature:.3f}"
         if self.ece_before is not None and self.ece_after is not None:
-            text += f", expected calibration error {self.ece_before:.3f} -> {self.ece_after:.3f}"
+            text += f", calibration error {self.ece_before:.3f} -> {self.ece_after:.3f}"
         text += f" on {self.images} validation images"
         return text + (f"; {self.answers()}" if self.threshold is not None else "")
 
@@ -74,7 +74,7 @@ class Calibration:
         """What the model answers alone at its threshold, e.g. ``answers 78% of photos at >= 95% precision``."""
         low, high = self.coverage_interval or (0.0, 1.0)
         return (f"answers {self.coverage:.0%} of photos at >= {self.target_precision:.0%} precision on validation "
-                f"({low:.0%}-{high:.0%}; confidence >= {self.threshold:.4f}, precision {self.precision:.3f})")
+                f"({low:.0%}-{high:.0%}; confidence >= {self.threshold:.4f})")
 
 
 def fit_temperature(log_probs: torch.Tensor, targets: torch.Tensor) -> float:

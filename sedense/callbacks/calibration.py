@@ -40,7 +40,7 @@ def assessment(cal: Calibration, log_probs: torch.Tensor, targets: torch.Tensor)
 
 def describe(result: dict) -> str:
     """One line of :func:`assessment`'s result."""
-    text = (f"temperature {result['temperature']:.3f}: expected calibration error {result['ece_before']:.3f} -> "
+    text = (f"temperature {result['temperature']:.3f}: calibration error {result['ece_before']:.3f} -> "
             f"{result['ece_after']:.3f} on {result['images']} images")
     if result.get("threshold") is not None:
         low, high = result["coverage_interval"]
