@@ -3,8 +3,10 @@
 The model must be the bottleneck: the loader has to deliver images faster than the network
 trains on them. Measured in one run, on the TrashNet recipe's transforms, with and without
 ``data.cache``, and from LitData chunks of the same images (``sedense optimize``, read back through
-``StreamingDataLoader`` with the same workers and transforms; skipped without the ``stream`` extra).
-Prints one JSON object.
+``StreamingDataLoader`` with the same workers and transforms; skipped without the ``stream`` extra). Then the
+images a second of one loader process, uncached, cached, and cached with the augmentations left to the device
+(``data.augment_on: device``: the process only hands over uint8 tensors), and the batched augmentations
+themselves on this machine's device: how many loader processes a GPU needs. Prints one JSON object.
 
     python benchmarks/bench_data.py            # TrashNet (if present) at 112 px, batch 32
     python benchmarks/bench_data.py --quick    # synthetic photos, fewer batches (under a minute)
@@ -34,10 +36,10 @@ def loader_rate(data: ImageFolderDataModule, batches: int) -> float:
     start, n = time.perf_counter(), 0
     for _ in range(batches):
         try:
-            x, _ = next(it)
+            batch = next(it)
         except StopIteration:
             break
-        n += len(x)
+        n += len(batch[0])
     return n / (time.perf_counter() - start)
 
 
@@ -58,6 +60,16 @@ def main() -> None:
         data = ImageFolderDataModule(**common, cache=cache)
         data.setup("fit")
         rates[cache] = loader_rate(data, batches)
+    per_process = {}
+    for name, options in (("uncached", {"cache": False}), ("cached", {"cache": True}),
+                          ("cached, augmented on the device", {"cache": True, "augment_on": "device"})):
+        data = ImageFolderDataModule(**{**common, "num_workers": 1}, **options)
+        data.setup("fit")
+        per_process[name] = round(loader_rate(data, batches), 1)
+    images, _, sizes = next(iter(data.train_dataloader()))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    images, sizes = images.to(device), sizes.to(device)
+    augment_ips = len(images) / median_time(lambda: data.device_augment(images, sizes), repeats=5)
     try:
         from sedense.data.streaming import optimize_folder
 
@@ -88,6 +100,8 @@ def main() -> None:
         "loader_img_s": round(rates[False], 1),
         "loader_cached_img_s": round(rates[True], 1),
         "loader_litdata_img_s": rates["litdata"] if isinstance(rates["litdata"], str) else round(rates["litdata"], 1),
+        "one_loader_process_img_s": per_process,
+        f"device_augment_img_s ({device})": round(augment_ips, 1),
         "model_train_img_s": round(model_ips, 1),
         "loader_to_model_ratio": round(rates[False] / model_ips, 2),
         "model_is_bottleneck": rates[False] > model_ips,

@@ -17,6 +17,7 @@ from torchvision.transforms import v2 as T
 
 from sedense.data.cache import available_memory, default_num_workers, fill_caches
 from sedense.data.datasets import UNLABELLED, ImageListDataset, make_loader
+from sedense.data.device_augment import device_augment, pad_collate
 from sedense.data.folders import Split, match_classes, report_skipped, scan_class_folders, scan_dataset
 from sedense.data.images import filter_images, resolve_inputs
 from sedense.data.options import check_data_options
@@ -62,6 +63,8 @@ class ImageFolderDataModule(L.LightningDataModule):
         cache: decode every training and validation image once into memory, pre-resized, instead of every epoch;
             what does not fit under ``cache_limit_gb`` is decoded when used, with a warning.
         cache_limit_gb: the memory the cache may take, per process; ``None``: half of the memory available.
+        augment_on: where the training augmentations run: ``cpu`` (the loader processes), ``device`` (batched on
+            the training device, with the cache; ``sedense.data.device_augment``) or ``auto`` (device on a GPU).
         verify: how files are checked when the dataset is scanned: ``header`` opens each file (empty, non-image,
             oversized and too-thin files), ``full`` decodes each (truncated files too). Unusable files are left
             out, counted in one warning and listed in ``skipped_files.csv`` in the run directory.
@@ -93,6 +96,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         train_image_size: int | None = None,
         cache: bool = False,
         cache_limit_gb: float | None = None,
+        augment_on: Literal["auto", "cpu", "device"] = "auto",
         verify: Literal["header", "full"] = "header",
         strict: bool = False,
         format: Literal["folder", "litdata"] = "folder",
@@ -108,6 +112,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         self.predict_root = Path(predict_root) if predict_root else None
         self.num_workers = default_num_workers() if num_workers is None else num_workers
         self._split: Split | None = None
+        self.device_augment = None  # the training augmentations, when they run on the training device
         self.test_skipped: list[tuple[Path, str]] = []  # files of the test folder that cannot be used
         self.predict_files: list[Path] = []  # every readable input, in order
         self.predict_pending: list[Path] = []  # those still to predict (see ``skip_predicted``)
@@ -231,7 +236,9 @@ class ImageFolderDataModule(L.LightningDataModule):
                 self.train_set = self._streaming("train", split.train, self.train_transform(), evaluation=False)
                 self.val_set = self._streaming("val", split.val, self.eval_transform())
             elif self.hparams.cache:
-                self.train_set = ImageListDataset(train, self.train_transform(), T.Resize(self.train_cache_side()),
+                self.device_augment = device_augment(self.hparams, self.trainer, self.preprocessing, self.train_size)
+                transform = T.PILToTensor() if self.device_augment else self.train_transform()  # uint8, to the device
+                self.train_set = ImageListDataset(train, transform, T.Resize(self.train_cache_side()),
                                                   short_side=self.train_cache_side())
                 pre = self.preprocessing
                 self.val_set = self._eval_set(val, pre.normalize(), pre.eval_geometry())
@@ -309,8 +316,8 @@ class ImageFolderDataModule(L.LightningDataModule):
         index = {c: i for i, c in enumerate(names)}
         return [(p, index[c]) for p, c in pairs]
 
-    def _loader(self, dataset: Dataset, shuffle: bool = False, drop_last: bool = False) -> DataLoader:
-        return make_loader(dataset, self.hparams.batch_size, self.num_workers, shuffle, drop_last)
+    def _loader(self, dataset: Dataset, shuffle: bool = False, drop_last: bool = False, collate=None) -> DataLoader:
+        return make_loader(dataset, self.hparams.batch_size, self.num_workers, shuffle, drop_last, collate)
 
     def _drop_last(self, processes: int) -> bool:
         # Under several processes each one trains on its share of the images: drop the last, partial batch
@@ -324,7 +331,14 @@ class ImageFolderDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         processes = self.trainer.world_size if self.trainer is not None else 1
-        return self._loader(self.train_set, shuffle=True, drop_last=self._drop_last(processes))
+        collate = pad_collate if self.device_augment else None
+        return self._loader(self.train_set, shuffle=True, drop_last=self._drop_last(processes), collate=collate)
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        if self.device_augment and self.trainer is not None and self.trainer.training and len(batch) == 3:
+            images, targets, sizes = batch  # a training batch of uint8 images, each of its own size
+            return self.device_augment(images, sizes), targets
+        return batch
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set)

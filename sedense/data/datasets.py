@@ -152,7 +152,8 @@ class EvalSampler(DistributedSampler):
         return self.num_samples
 
 
-def make_loader(dataset, batch_size: int, num_workers: int, shuffle: bool = False, drop_last: bool = False):
+def make_loader(dataset, batch_size: int, num_workers: int, shuffle: bool = False, drop_last: bool = False,
+                collate=None):
     """The loader of a stage: LitData's for its streams (it shards, shuffles and resumes them itself); otherwise a
     DataLoader, which under several processes evaluates through :class:`EvalSampler` (every image once)."""
     from sedense.data.streaming import StreamingImages, collate_present
@@ -165,5 +166,5 @@ def make_loader(dataset, batch_size: int, num_workers: int, shuffle: bool = Fals
     if not shuffle and torch.distributed.is_available() and torch.distributed.is_initialized():
         sampler = EvalSampler(dataset)  # every image once, the same number of batches on every process
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, sampler=sampler, drop_last=drop_last,
-                      num_workers=num_workers, persistent_workers=num_workers > 0,
+                      num_workers=num_workers, persistent_workers=num_workers > 0, collate_fn=collate,
                       pin_memory=torch.cuda.is_available())

@@ -19,6 +19,12 @@ def check_data_options(hp) -> None:
          f"{hp.split_groups!r}"),
         (not (hp.split_groups and fmt == "litdata"), "data.split_groups: LitData chunks hold their own split; group "
          "an image folder"),
+        (hp.augment_on in ("auto", "cpu", "device"), f"data.augment_on must be auto, cpu or device, got "
+         f"{hp.augment_on!r}"),
+        (not (hp.augment_on == "device" and not hp.cache), "data.augment_on: device works on the image cache: add "
+         "data.cache: true"),
+        (not (hp.augment_on == "device" and hp.auto_augment), "data.augment_on: device has no automatic policy "
+         "(data.auto_augment): drop one of them"),
         (hp.batch_size >= 1, f"data.batch_size must be positive, got {hp.batch_size}"),
         (hp.verify in ("header", "full"), f"data.verify must be header or full, got {hp.verify!r}"),
         (hp.auto_augment in (None, "trivial", "rand"), f"data.auto_augment must be trivial, rand or null, got "
