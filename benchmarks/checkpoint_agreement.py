@@ -26,6 +26,7 @@ import numpy as np
 import yaml
 
 from sedense.checkpoints import run_version
+from sedense.compare import shared_errors
 from sedense.runs import runs_under
 
 
@@ -77,15 +78,12 @@ def predict(ckpt: Path, photos: list[str], folder: Path, tta: bool, extra: list[
 def agreement(probs: np.ndarray, labels: np.ndarray, classes: list[str]) -> dict:
     """``probs`` (models, photos, classes) and true ``labels`` (photos): accuracies, ensemble, errors shared."""
     wrong = probs.argmax(2) != labels  # (models, photos)
-    by_k = collections.Counter(wrong.sum(0).tolist())
     everyone = wrong.all(0)
     return {
         "photos": int(len(labels)),
         "accuracy": [round(float(1 - w.mean()), 4) for w in wrong],
         "ensemble_accuracy": round(float((probs.mean(0).argmax(1) == labels).mean()), 4),
-        "wrong_for_k_models": {int(k): by_k[k] for k in sorted(by_k)},
-        "right_for_all": int((~wrong).all(0).sum()),
-        "wrong_for_all": int(everyone.sum()),
+        **shared_errors(~wrong),  # the counting `sedense compare` does
         "wrong_for_all_by_class": dict(collections.Counter(classes[i] for i in labels[everyone])),
     }
 

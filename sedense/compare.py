@@ -10,6 +10,7 @@ test on the photos where exactly one of the two is right, and one plain sentence
 from __future__ import annotations
 
 import argparse
+import collections
 import csv
 import io
 import itertools
@@ -93,6 +94,15 @@ def verdict(name: str, baseline: str, result: dict) -> str:
             f"p = {p:.3g})")
 
 
+def shared_errors(right: np.ndarray) -> dict:
+    """Which photos the models get wrong together: ``right`` is (models, photos) of True/False. For models of one
+    recipe trained with different seeds, the photos every model gets wrong are the data's hard (or mislabelled) ones."""
+    wrong = ~np.asarray(right, dtype=bool)
+    by_k = collections.Counter(wrong.sum(0).tolist())
+    return {"wrong_for_k_models": {int(k): by_k[k] for k in sorted(by_k)},
+            "right_for_all": int((~wrong).all(0).sum()), "wrong_for_all": int(wrong.all(0).sum())}
+
+
 def compare(models: list[str], data: Path, out: Path, tta: bool = False) -> dict:
     """Score ``models`` on the labelled folder ``data``, compare each with the first, write ``out``'s files."""
     photos, truth = labelled_photos(data)
@@ -108,6 +118,7 @@ def compare(models: list[str], data: Path, out: Path, tta: bool = False) -> dict
         k = int(right[m].sum())
         report["models"][m] = {"accuracy": round(k / len(scored), 4), "right": k,
                                "interval": [round(v, 4) for v in wilson(k, len(scored))]}
+    report.update(shared_errors(np.array([right[m] for m in models])))
     base = models[0]
     report["comparisons"] = {}
     for m in models[1:]:

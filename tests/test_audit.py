@@ -9,13 +9,18 @@ import json
 import os
 import random
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image, ImageDraw, ImageEnhance
+from PIL import Image, ImageDraw
 
 from conftest import TINY, make_folder, read_csv, run_cli
+
+# The benchmark's planting, on the suite's own photos.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from bench_audit import near_copy
 
 CLASSES = ("bottle", "can", "paper")
 
@@ -38,20 +43,6 @@ def photo(path: Path, seed: int) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(path, quality=92)
     return path
-
-
-def near_copy(src: Path, dst: Path, rng: random.Random) -> None:
-    """Resized, re-encoded at JPEG quality 40, cropped to 90% and brightened or darkened by 10%: all at once."""
-    img = Image.open(src).convert("RGB")
-    img = img.resize((int(img.width * 0.7), int(img.height * 0.7)))
-    buffer = io.BytesIO()
-    img.save(buffer, "JPEG", quality=40)
-    img = Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
-    w, h = img.size
-    dx, dy = int(rng.uniform(0, 0.1) * w), int(rng.uniform(0, 0.1) * h)
-    img = img.crop((dx, dy, dx + int(0.9 * w), dy + int(0.9 * h)))
-    img = ImageEnhance.Brightness(img).enhance(rng.choice([0.9, 1.1]))
-    img.save(dst, quality=90)
 
 
 @pytest.fixture(scope="module")

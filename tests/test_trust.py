@@ -41,6 +41,9 @@ def test_compare_scores_two_models_on_the_same_photos_with_intervals_and_mcnemar
     low, high = result["interval"]
     assert low <= result["difference"] <= high
     assert result["sentence"] in proc.stdout
+    assert report["wrong_for_k_models"].get("1", 0) == b + c  # the photos one of the two gets wrong
+    assert sum(report["wrong_for_k_models"].values()) == 18
+    assert report["right_for_all"] == report["wrong_for_k_models"].get("0", 0)
     disagreements = read_csv(tmp_path / "cmp" / "disagreements.csv")
     assert len(disagreements) == sum(1 for r in disagreements if r[str(short)] != r[str(predictions)])
     assert len(disagreements) >= b + c
