@@ -161,3 +161,14 @@ def test_a_target_precision_outside_0_1_is_refused_in_one_line(trained_run, tmp_
     assert proc.returncode != 0
     assert "target_precision must be a precision in (0, 1], got 1.5" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_the_page_says_not_sure_below_the_model_s_threshold_unless_told_otherwise():
+    from sedense.calibration import Calibration
+    from sedense.deploy.serve import page_threshold
+
+    calibrated = Calibration(temperature=1.3, images=100, target_precision=0.95, threshold=0.8123)
+    threshold, note = page_threshold(None, calibrated)
+    assert threshold == 0.8123 and "the model's threshold for 95% precision" in note
+    assert page_threshold(0.6, calibrated) == (0.6, None)  # --threshold still overrides
+    assert page_threshold(None, Calibration()) == (0.5, None)

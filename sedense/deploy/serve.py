@@ -171,6 +171,17 @@ def build_server(ckpt_path: Path, preprocessing: Preprocessing, top_k: int = 5, 
     )
 
 
+def page_threshold(given: float | None, calibration) -> tuple[float, str | None]:
+    """The confidence below which the page says "not sure": ``--threshold``, else the model's own threshold (from
+    calibrating it for a target precision), else 0.5; and a line saying so when it is the model's."""
+    if given is not None:
+        return given, None
+    if calibration.threshold is not None:
+        return calibration.threshold, (f"The page says 'not sure' below confidence {calibration.threshold:.4f}, the "
+                                       f"model's threshold for {calibration.target_precision:.0%} precision")
+    return 0.5, None
+
+
 def check_options(args: argparse.Namespace) -> None:
     """Refuse impossible settings at start-up, in one line, before anything is loaded."""
     for name, ok, need in (
@@ -219,8 +230,7 @@ def serve_command(argv: list[str]) -> None:
 
     ckpt = resolve_ckpt_path(args.ckpt_path)
     model = InferenceModel.from_file(ckpt, trusted=not args.weights_only)  # fail here, in one line
-    model_threshold, model_target = model.calibration.threshold, model.calibration.target_precision
-    threshold = next(t for t in (args.threshold, model_threshold, 0.5) if t is not None)
+    threshold, note = page_threshold(args.threshold, model.calibration)
     server = build_server(ckpt, model.preprocessing, args.top_k, args.max_batch_size, args.batch_timeout,
                           args.max_upload_mb, args.accelerator, args.workers_per_device, not args.weights_only,
                           model.class_names, threshold, can_explain(model), args.body_timeout)
@@ -231,7 +241,6 @@ def serve_command(argv: list[str]) -> None:
     shown = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
     print(f"Serving {ckpt}: the page at http://{shown}:{args.port}/, the API at /predict (health: /health)",
           flush=True)
-    if args.threshold is None and model_threshold is not None:
-        print(f"The page says 'not sure' below confidence {threshold:.4f}, the model's threshold for "
-              f"{model_target:.0%} precision", flush=True)
+    if note:
+        print(note, flush=True)
     server.run(host=args.host, port=args.port, generate_client_file=False, num_api_servers=1)
