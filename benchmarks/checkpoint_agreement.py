@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import csv
+import io
 import json
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -26,6 +27,7 @@ import numpy as np
 import yaml
 
 from sedense.checkpoints import run_version
+from sedense.commands import main as sedense
 from sedense.compare import shared_errors
 from sedense.runs import runs_under
 
@@ -62,13 +64,19 @@ def predict(ckpt: Path, photos: list[str], folder: Path, tta: bool, extra: list[
     folder.mkdir(parents=True, exist_ok=True)
     listing = folder / "photos.txt"
     listing.write_text("\n".join(photos) + "\n", encoding="utf-8")
-    command = [sys.executable, "-m", "sedense", "predict", "--ckpt_path", str(ckpt),
-               "--data.predict_root", str(listing), "--predict_writer.top_k", "1000", "--model.tta", str(tta).lower(),
-               "--trainer.default_root_dir", str(folder), "--trainer.enable_progress_bar", "false", *extra]
-    done = subprocess.run(command, capture_output=True, text=True)
-    if done.returncode:
-        last = (done.stderr.strip().splitlines() or [""])[-1]
-        fail(f"sedense predict with {ckpt} exited {done.returncode}: {last}")
+    command = ["predict", "--ckpt_path", str(ckpt), "--data.predict_root", str(listing), "--predict_writer.top_k",
+               "1000", "--model.tta", str(tta).lower(), "--trainer.default_root_dir", str(folder),
+               "--trainer.enable_progress_bar", "false", *extra]
+    # In this process: the models share one import of torch and Lightning instead of one each.
+    errors, code = io.StringIO(), 0
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(errors):
+        try:
+            sedense(command)
+        except SystemExit as stop:
+            code = stop.code if isinstance(stop.code, int) else 1
+    if code:
+        last = (errors.getvalue().strip().splitlines() or [""])[-1]
+        fail(f"sedense predict with {ckpt} exited {code}: {last}")
     # The newest run of the folder: an --out used before keeps its earlier predictions beside this one's.
     _, newest = runs_under(folder)[0]
     records = json.loads((Path(newest) / "predictions.json").read_text(encoding="utf-8"))

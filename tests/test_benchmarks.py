@@ -18,7 +18,6 @@ def agreement(*args, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(AGREEMENT), *map(str, args)], cwd=cwd, capture_output=True, text=True)
 
 
-@pytest.mark.xdist_group("processes")  # it starts `sedense predict` processes: never beside a timed test
 def test_checkpoint_agreement_matches_validate_and_counts_shared_errors(tmp_path):
     make_folder(tmp_path / "data", {"cardboard": 10, "glass": 10, "metal": 10})
     # Two short, weak runs on one split (data.seed) with different initial weights: imperfect, different models.
