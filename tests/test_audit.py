@@ -181,3 +181,19 @@ def test_split_groups_keeps_copies_on_one_side_and_fit_prints_the_audit(planted,
     subsets = {r["path"]: r["subset"] for r in read_csv(plain_split)}
     assert any(subsets[str(s)] != subsets[str(d)] for s, d in exact + near)  # what the grouping prevents
     assert os.path.exists(root)
+
+
+def test_with_a_checkpoint_the_network_s_embeddings_find_copies_and_the_least_typical_images(trained_run, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(trained_run / "data", data)
+    Image.open(data / "glass" / "glass_000.png").save(data / "metal" / "copy of glass_000.jpg", quality=95)
+    ckpt = next((trained_run / "lightning_logs").rglob("last.ckpt"))
+    proc = run_cli(["audit", "--data.root", data, "--ckpt_path", ckpt, "--outliers", "3", "--max_distance", "0",
+                    "--min_correlation", "1.01", "--out", tmp_path / "a", "--workers", "1"], tmp_path)
+    rows = read_csv(tmp_path / "a" / "duplicates.csv")
+    group = {r["path"]: r["group"] for r in rows}
+    pair = [str(data / "glass" / "glass_000.png"), str(data / "metal" / "copy of glass_000.jpg")]
+    assert group[pair[0]] == group[pair[1]]  # the hashes' pairs are switched off: the embeddings found it
+    atypical = [r for r in read_csv(tmp_path / "a" / "outliers.csv") if r["reason"].startswith("atypical")]
+    assert len(atypical) == 3 and all(0 <= float(r["value"]) <= 1 for r in atypical)
+    assert "cosine >= 0.97" in proc.stdout
