@@ -119,6 +119,9 @@ def compare(models: list[str], data: Path, out: Path, tta: bool = False) -> dict
         report["models"][m] = {"accuracy": round(k / len(scored), 4), "right": k,
                                "interval": [round(v, 4) for v in wilson(k, len(scored))]}
     report.update(shared_errors(np.array([right[m] for m in models])))
+    accuracies = [report["models"][m]["accuracy"] for m in models]  # e.g. one recipe's runs with other seeds
+    report["accuracy"] = {"mean": round(float(np.mean(accuracies)), 4),
+                          "sd": round(float(np.std(accuracies, ddof=1)), 4), "n": len(models)}
     base = models[0]
     report["comparisons"] = {}
     for m in models[1:]:
@@ -137,6 +140,8 @@ def compare(models: list[str], data: Path, out: Path, tta: bool = False) -> dict
               f"{r['interval'][1]:.4f})")
     for m in models[1:]:
         print(report["comparisons"][m]["sentence"])
+    spread = report["accuracy"]
+    print(f"Accuracy over the {spread['n']} models: {spread['mean']:.4f} ± {spread['sd']:.4f} (mean ± sd)")
     photos_word = "photo" if len(disagree) == 1 else "photos"
     print(f"Wrote {out / 'compare.json'}, {out / 'disagreements.csv'} ({len(disagree)} {photos_word} where they "
           "disagree)")

@@ -44,6 +44,9 @@ def test_compare_scores_two_models_on_the_same_photos_with_intervals_and_mcnemar
     assert report["wrong_for_k_models"].get("1", 0) == b + c  # the photos one of the two gets wrong
     assert sum(report["wrong_for_k_models"].values()) == 18
     assert report["right_for_all"] == report["wrong_for_k_models"].get("0", 0)
+    accuracies = [report["models"][m]["accuracy"] for m in (str(short), str(predictions))]
+    assert report["accuracy"] == {"mean": pytest.approx(np.mean(accuracies), abs=1e-4),
+                                  "sd": pytest.approx(np.std(accuracies, ddof=1), abs=1e-4), "n": 2}
     disagreements = read_csv(tmp_path / "cmp" / "disagreements.csv")
     assert len(disagreements) == sum(1 for r in disagreements if r[str(short)] != r[str(predictions)])
     assert len(disagreements) >= b + c
