@@ -7,6 +7,7 @@ import resource
 import statistics
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import lightning
@@ -48,7 +49,7 @@ def dataset_root(arg: str | None, tmp: Path, quick: bool, images: int = 360) -> 
 
 def _tiny_jpegs(job: tuple[str, int, int, int]) -> None:
     folder, start, stop, size = job
-    rng = np.random.default_rng(start)
+    rng = np.random.default_rng([start, zlib.crc32(folder.encode())])  # every folder its own pictures
     for i in range(start, stop):
         pixels = rng.integers(0, 255, (size, size, 3), dtype=np.uint8)
         Image.fromarray(pixels).save(f"{folder}/{i:07d}.jpg", quality=80)
