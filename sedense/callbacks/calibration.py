@@ -153,8 +153,7 @@ class Calibrator(L.Callback):
                 logger.experiment.add_image(f"calibration{suffix}", pixels, global_step=trainer.global_step,
                                             dataformats="HWC")
         if stage:
-            print(f"Calibration on the {'test' if stage == 'test' else 'validation'} images, "
-                  f"{describe(assessment(cal, log_probs, targets))}")
+            print(f"Calibration on the {'test' if stage == 'test' else 'validation'} images, {describe(result)}")
 
     def _write_checkpoint(self, trainer: L.Trainer, cal: Calibration) -> None:
         """The checkpoint, with this calibration in its model options, written in its place (atomically)."""
