@@ -139,6 +139,14 @@ def kill_tree(pid: int) -> None:
                 process.kill()
 
 
+def tail(node: subprocess.Popen) -> str:
+    """The end of a killed node's output (nothing more to read from one whose output was already read)."""
+    try:
+        return (node.communicate(timeout=10)[0] or "")[-1500:]
+    except (ValueError, OSError, subprocess.TimeoutExpired):
+        return ""
+
+
 def wait(nodes: list[subprocess.Popen], timeout: float = 240) -> list[tuple[int, str]]:
     results = []
     for node in nodes:
@@ -147,7 +155,8 @@ def wait(nodes: list[subprocess.Popen], timeout: float = 240) -> list[tuple[int,
         except subprocess.TimeoutExpired:
             for n in nodes:
                 kill_tree(n.pid)
-            raise AssertionError("the nodes ran past their time") from None
+            tails = [tail(n) for n in nodes]  # what each node was doing when it hung
+            raise AssertionError("the nodes ran past their time:\n" + "\n--- next node ---\n".join(tails)) from None
         results.append((node.returncode, out))
     return results
 
