@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 import threading
@@ -30,35 +31,22 @@ OWN = {
 }
 
 
+# Where each of sedense's own commands lives, imported only when it is run.
+OWN_ENTRY = {
+    "export": "sedense.deploy.export:export_command",
+    "serve": "sedense.deploy.serve:serve_command",
+    "optimize": "sedense.data.streaming:optimize_command",
+    "compare": "sedense.compare:compare_command",
+    "audit": "sedense.audit.command:audit_command",
+    "cv": "sedense.crossval:cv_command",
+    "digits": "sedense.data.digits:digits_command",
+}
+
+
 def own_command(name: str):
     """The entry point of one of sedense's own commands, imported when it is run."""
-    if name == "export":
-        from sedense.deploy.export import export_command
-
-        return export_command
-    if name == "serve":
-        from sedense.deploy.serve import serve_command
-
-        return serve_command
-    if name == "optimize":
-        from sedense.data.streaming import optimize_command
-
-        return optimize_command
-    if name == "compare":
-        from sedense.compare import compare_command
-
-        return compare_command
-    if name == "audit":
-        from sedense.audit.command import audit_command
-
-        return audit_command
-    if name == "cv":
-        from sedense.crossval import cv_command
-
-        return cv_command
-    from sedense.data.digits import digits_command
-
-    return digits_command
+    module, function = OWN_ENTRY[name].split(":")
+    return getattr(importlib.import_module(module), function)
 
 
 def calibrate_args(argv: list[str]) -> list[str]:

@@ -11,14 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sedense.audit.duplicates import (
-    MIN_CORRELATION,
-    exact_pairs,
-    groups,
-    near_pairs,
-    signatures,
-    similar_embeddings,
-)
+from sedense.audit.duplicates import MIN_CORRELATION, copy_groups, signatures, similar_embeddings
 from sedense.audit.report import write_report
 from sedense.errors import ConfigError, DataError, SedenseError, require_extra
 from sedense.runs import print_once
@@ -46,10 +39,9 @@ def audited_files(split) -> list[tuple[Path, str, str]]:
 def duplicate_groups(files: list[tuple[Path, str, str]], sigs, max_distance: int = 8,
                      min_correlation: float = MIN_CORRELATION, embedding_pairs: dict | None = None) -> list[dict]:
     """Exact and near-duplicate groups, each with its members and whether it leaks or disagrees."""
-    near = near_pairs([p for p, _, _ in files], sigs, max_distance, min_correlation)
-    exact = exact_pairs(sigs)
     found = []
-    for n, members in enumerate(groups(len(files), [*exact, *near, *(embedding_pairs or {})])):
+    for n, members in enumerate(copy_groups([p for p, _, _ in files], sigs, max_distance, min_correlation,
+                                            embedding_pairs or {})):
         digests = {sigs[i].sha256 for i in members}
         found.append({
             "group": n, "kind": "exact" if len(digests) == 1 else "near",

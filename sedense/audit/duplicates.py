@@ -203,5 +203,13 @@ def near_duplicate_groups(paths: Sequence[Path], max_distance: int = 8,
     import os
 
     sigs = signatures(paths, workers=min(os.cpu_count() or 1, 8))
-    pairs = [*exact_pairs(sigs), *near_pairs(paths, sigs, max_distance, min_correlation)]
-    return {paths[i]: n for n, members in enumerate(groups(len(paths), pairs)) for i in members}
+    found = copy_groups(paths, sigs, max_distance, min_correlation)
+    return {paths[i]: n for n, members in enumerate(found) for i in members}
+
+
+def copy_groups(paths: Sequence[Path], sigs: Sequence[Signature], max_distance: int = 8,
+                min_correlation: float = MIN_CORRELATION,
+                more_pairs: Iterable[tuple[int, int]] = ()) -> list[list[int]]:
+    """Groups of exact and near copies among ``paths`` (with ``more_pairs``, e.g. alike embeddings), largest first."""
+    pairs = [*exact_pairs(sigs), *near_pairs(paths, sigs, max_distance, min_correlation), *more_pairs]
+    return groups(len(paths), pairs)

@@ -131,9 +131,8 @@ class Calibrator(L.Callback):
             return
         log_probs, targets, cal = self.result
         suffix, folder = f"_{stage}" if stage else "", run_dir(trainer)
-        result = assessment(cal, log_probs, targets)
-        if stage is None:
-            result = {**cal.to_dict(), **{k: v for k, v in result.items() if k in ("ece_before", "ece_after")}}
+        # fit's calibration was fitted on these very images: its own figures are theirs.
+        result = cal.to_dict() if stage is None else assessment(cal, log_probs, targets)
         reports.write_json(path_join(folder, f"calibration{suffix}.json"), result)
         probs = cal.probabilities(log_probs)
         write_file(path_join(folder, f"risk_coverage{suffix}.csv"), risk_coverage_table(probs, targets))
