@@ -7,6 +7,7 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+import sys
 import warnings
 from pathlib import Path
 
@@ -68,6 +69,19 @@ def same_location(a, b) -> bool:
 class SedenseCLI(LightningCLI):
     """LightningCLI with sedense's callbacks, checkpoint aliases and classes taken from the data."""
 
+    def __init__(self, *args, **kwargs) -> None:
+        given = kwargs.get("args")
+        given = sys.argv[1:] if given is None else given
+        every = LightningCLI.subcommands()
+        self.chosen = next((a for a in given if a in every), None) if isinstance(given, list) else None
+        super().__init__(*args, **kwargs)
+
+    def subcommands(self) -> dict[str, set[str]]:
+        """The subcommand asked for alone (all of them when none is named): each one's parser holds every option of
+        the model, the data, the trainer and the callbacks, and building one costs about a second."""
+        every = LightningCLI.subcommands()
+        return {self.chosen: every[self.chosen]} if self.chosen else every
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults(
@@ -95,6 +109,7 @@ class SedenseCLI(LightningCLI):
         parser.add_lightning_class_args(PredictionWriter, "predict_writer")
         parser.add_lightning_class_args(ReportWriter, "reports")
         parser.add_lightning_class_args(Calibrator, "calibration")
+        parser.link_arguments("reports.pictures", "calibration.pictures")  # one switch for every picture
         # How the model sees an image is the model's: the data's preprocessing (from the options, the pretrained
         # weights or the checkpoint, set before anything is built) goes to the model when both are built.
         parser.link_arguments("data.preprocessing", "model.preprocessing", apply_on="instantiate")

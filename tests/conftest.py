@@ -70,7 +70,11 @@ TINY = [
     "--trainer.enable_model_summary", "false",
     "--trainer.log_every_n_steps", "1",
     "--trainer.precision", "32-true",  # the same arithmetic on every machine (the default, auto, follows the CPU)
+    "--reports.pictures", "false",  # drawing costs more than training these models; PICTURES turns it back on
 ]
+
+# For the tests of the pictures themselves (after TINY: the last value given wins).
+PICTURES = ["--reports.pictures", "true"]
 
 
 TESTS = Path(__file__).resolve().parent

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import PREDICT, TINY, make_folder, newest_run, read_csv, run_cli
+from conftest import PICTURES, PREDICT, TINY, make_folder, newest_run, read_csv, run_cli
 
 
 def sampled(n: int, classes: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,7 +90,7 @@ def test_fit_calibrates_and_every_command_shows_calibrated_probabilities(tmp_pat
     from sedense.preprocessing import Preprocessing
 
     make_folder(tmp_path / "data", {"cardboard": 8, "glass": 8, "metal": 8})
-    fit = run_cli(["fit", *TINY, "--data.root", "data", "--trainer.max_epochs", "2",
+    fit = run_cli(["fit", *TINY, *PICTURES, "--data.root", "data", "--trainer.max_epochs", "2",
                    "--calibration.target_precision", "0.5"], tmp_path)
     run = newest_run(tmp_path)
     assert "temperature" in fit.stdout.strip().splitlines()[-1]  # fit's last line says what the model answers alone

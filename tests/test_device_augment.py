@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import TINY, make_folder, run_cli
+from conftest import PICTURES, TINY, make_folder, run_cli
 
 
 def test_crop_boxes_keep_to_random_resized_crop_s_ranges():
@@ -106,7 +106,7 @@ def test_output_statistics_match_the_cpu_path():
 
 def test_fit_augments_on_the_device_and_refuses_it_without_the_cache(tmp_path):
     make_folder(tmp_path / "data", {"cardboard": 8, "glass": 8}, size=40)
-    run_cli(["fit", *TINY, "--data.root", "data", "--data.cache", "true", "--data.augment_on", "device",
+    run_cli(["fit", *TINY, *PICTURES, "--data.root", "data", "--data.cache", "true", "--data.augment_on", "device",
              "--data.rotation", "10", "--data.color_jitter", "0.2", "--trainer.max_epochs", "1"], tmp_path)
     assert (tmp_path / "lightning_logs" / "version_0" / "train_batch.png").stat().st_size > 0
     bad = run_cli(["fit", *TINY, "--data.root", "data", "--data.augment_on", "device"], tmp_path, check=False)

@@ -24,6 +24,7 @@ import torch
 
 from conftest import (
     COLOURS,
+    PICTURES,
     PREDICT,
     TINY,
     best_checkpoint,
@@ -286,7 +287,8 @@ def test_a_remote_root_gets_checkpoints_and_reports_through_fsspec(tmp_path, mon
 
     monkeypatch.chdir(tmp_path)
     make_folder(tmp_path / "data", {"cardboard": 6, "glass": 6})
-    main(["fit", *TINY, "--data.root", "data", "--trainer.max_epochs", "1", "--trainer.default_root_dir", "memory://runs"])
+    main(["fit", *TINY, *PICTURES, "--data.root", "data", "--trainer.max_epochs", "1",
+          "--trainer.default_root_dir", "memory://runs"])
     fs = fsspec.filesystem("memory")
     files = {p.rsplit("/", 1)[-1] for p in fs.find("/runs/lightning_logs/version_0")}
     assert {"last.ckpt", "metrics.json", "results.csv", "class_indices.json", "confusion_matrix_val.png"} <= files

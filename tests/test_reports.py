@@ -9,7 +9,7 @@ import torch
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 from torchmetrics.classification import MulticlassConfusionMatrix
 
-from conftest import TINY, make_folder, newest_run, run_cli
+from conftest import PICTURES, TINY, make_folder, newest_run, run_cli
 from sedense.reports import MEAN_KEYS, class_metrics, format_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -87,7 +87,7 @@ def test_fit_reports_match_scikit_learn_on_predictions_of_the_best_checkpoint(tm
     names = ["cardboard", "glass", "metal"]
     data = make_folder(tmp_path / "photos", {"cardboard": 20, "glass": 12, "metal": 8})
     # A short, weak training run, so that the predictions are imperfect and the metrics non-trivial.
-    run_cli(["fit", *TINY, "--data.root", str(data), "--trainer.max_epochs", "3",
+    run_cli(["fit", *TINY, *PICTURES, "--data.root", str(data), "--trainer.max_epochs", "3",
                  "--trainer.limit_train_batches", "2", "--model.lr", "0.002"], cwd=tmp_path)
     run = tmp_path / "lightning_logs" / "version_0"
     for name in ("results.png", "confusion_matrix_train.png", "confusion_matrix_val.png",
@@ -134,7 +134,7 @@ def test_fit_reports_match_scikit_learn_on_predictions_of_the_best_checkpoint(tm
     np.testing.assert_array_equal(matrix, cm)
 
     # `sedense test` writes the same report for its set and prints the table.
-    test = run_cli(["test", *TINY, "--data.root", str(data), "--ckpt_path", str(best)], cwd=tmp_path)
+    test = run_cli(["test", *TINY, *PICTURES, "--data.root", str(data), "--ckpt_path", str(best)], cwd=tmp_path)
     assert "macro avg" in test.stdout and "metrics_test.json" in test.stdout
     test_dir = newest_run(tmp_path)
     report = json.loads((test_dir / "metrics_test.json").read_text())
@@ -144,14 +144,14 @@ def test_fit_reports_match_scikit_learn_on_predictions_of_the_best_checkpoint(tm
     if valid["accuracy"] < 1:
         assert_png(test_dir / "worst_test.png")
 
-    validate = run_cli(["validate", *TINY, "--data.root", str(data), "--ckpt_path", str(best)], cwd=tmp_path)
+    validate = run_cli(["validate", *TINY, *PICTURES, "--data.root", str(data), "--ckpt_path", str(best)], cwd=tmp_path)
     assert "val set: " in validate.stdout and "macro avg" in validate.stdout
     val_dir = newest_run(tmp_path)
     validated = json.loads((val_dir / "metrics_val.json").read_text())["valid info"]
     assert flatten(validated) == pytest.approx(flatten(valid))
 
     # A size set for a checkpoint is not silently dropped: the user is told the checkpoint's is used, and it is.
-    larger = run_cli(["validate", *TINY, "--data.root", str(data), "--ckpt_path", str(best),
+    larger = run_cli(["validate", *TINY, *PICTURES, "--data.root", str(data), "--ckpt_path", str(best),
                       "--data.preprocessing.image_size", "24"], cwd=tmp_path)
     assert "data.preprocessing: image_size 24 (the checkpoint's: 16): validate uses the checkpoint's" in larger.stdout
     val_dir = newest_run(tmp_path)
@@ -180,7 +180,7 @@ def image_steps(run: Path, tag: str) -> list[int]:
 
 def test_pictures_keep_to_their_share_of_the_time_and_the_last_ones_are_always_drawn(tmp_path):
     make_folder(tmp_path / "data", {"cardboard": 12, "glass": 12})  # 2 training batches an epoch
-    fit = ["fit", *TINY, "--data.root", "data", "--trainer.max_epochs", "4"]
+    fit = ["fit", *TINY, *PICTURES, "--data.root", "data", "--trainer.max_epochs", "4"]
     # A tiny run: one picture costs more than 2% of all its training time, so they are drawn once, at the end,
     # of the last epoch; the numbers are written every epoch.
     run_cli(fit, tmp_path)
@@ -235,3 +235,24 @@ def test_intervals_match_wilson_s_formula_and_a_bootstrap_of_the_images_themselv
     assert spans["c"]["F1 score"] == pytest.approx([reference.low, reference.high], abs=0.03)
     low, high = spans["mean f1 score"]
     assert low < class_metrics(matrix, ["a", "b", "c"])["mean f1 score"] < high
+
+
+def test_without_pictures_every_number_is_written_and_no_picture_is_drawn(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    make_folder(tmp_path / "data", {"cardboard": 6, "glass": 6, "metal": 6})
+    no_pictures = ["--reports.pictures", "false"]  # as TINY has it; said here, since this test is about it
+    run_cli(["fit", *TINY, *no_pictures, "--data.root", "data", "--trainer.max_epochs", "2",
+             "--calibration.target_precision", "0.5"], tmp_path)
+    fit_run = newest_run(tmp_path)
+    run_cli(["test", *TINY, *no_pictures, "--data.root", "data", "--data.test_root", "data", "--ckpt_path",
+             fit_run / "checkpoints" / "last.ckpt"], tmp_path)
+    test_run = newest_run(tmp_path)
+    files = {p.name for run in (fit_run, test_run) for p in run.iterdir()}
+    assert not [f for f in files if f.endswith(".png")]
+    assert {"metrics.json", "results.csv", "confusion_matrix_train.csv", "confusion_matrix_val.csv", "calibration.json",
+            "risk_coverage.csv", "metrics_test.json", "confusion_matrix_test.csv", "calibration_test.json"} <= files
+    for run in (fit_run, test_run):
+        tags = EventAccumulator(str(run), size_guidance={"images": 0}).Reload().Tags()
+        assert tags["images"] == []
+    assert "val_acc" in EventAccumulator(str(fit_run)).Reload().Tags()["scalars"]

@@ -65,12 +65,16 @@ class Calibrator(L.Callback):
         target_precision: choose the threshold whose accepted validation answers reach this precision (e.g. 0.95).
         update_checkpoint: in ``validate``: fit again on its images and write the calibration into the checkpoint
             (what ``sedense calibrate`` does).
+        pictures: draw ``calibration*.png`` and its TensorBoard image (on the command line it follows
+            ``reports.pictures``).
     """
 
-    def __init__(self, target_precision: float | None = None, update_checkpoint: bool = False) -> None:
+    def __init__(self, target_precision: float | None = None, update_checkpoint: bool = False,
+                 pictures: bool = True) -> None:
         if target_precision is not None and not 0 < target_precision <= 1:
             raise ConfigError(f"target_precision must be a precision in (0, 1], got {target_precision}")
         self.target_precision, self.update_checkpoint = target_precision, update_checkpoint
+        self.pictures = pictures
         self._parts: list = []
         self.result: tuple | None = None  # the latest (log-probabilities, targets, calibration)
 
@@ -136,6 +140,10 @@ class Calibrator(L.Callback):
         reports.write_json(path_join(folder, f"calibration{suffix}.json"), result)
         probs = cal.probabilities(log_probs)
         write_file(path_join(folder, f"risk_coverage{suffix}.csv"), risk_coverage_table(probs, targets))
+        if stage:
+            print(f"Calibration on the {'test' if stage == 'test' else 'validation'} images, {describe(result)}")
+        if not self.pictures:
+            return
         correct = (probs.argmax(1) == targets).numpy()
         curves = {}
         for name, score in scores(probs).items():
@@ -151,8 +159,6 @@ class Calibrator(L.Callback):
             if hasattr(logger, "experiment") and hasattr(logger.experiment, "add_image"):
                 logger.experiment.add_image(f"calibration{suffix}", pixels, global_step=trainer.global_step,
                                             dataformats="HWC")
-        if stage:
-            print(f"Calibration on the {'test' if stage == 'test' else 'validation'} images, {describe(result)}")
 
     def _write_checkpoint(self, trainer: L.Trainer, cal: Calibration) -> None:
         """The checkpoint, with this calibration in its model options, written in its place (atomically)."""

@@ -10,19 +10,21 @@ from sedense.callbacks.common import from_every_process, stage_dataset
 from sedense.runs import path_join, run_dir, write_file
 
 
-def write_matrix(folder, matrix, names, stem: str, title: str) -> list:
-    """The matrix as ``<stem>.csv`` and ``<stem>.png`` in ``folder``."""
-    written = [path_join(folder, f"{stem}.png"), path_join(folder, f"{stem}.csv")]
-    write_file(written[1], reports.matrix_csv(matrix, names))
-    write_file(written[0], reports.png_bytes(reports.render(reports.confusion_figure(matrix, names, title))))
+def write_matrix(folder, matrix, names, stem: str, title: str, picture: bool = True) -> list:
+    """The matrix as ``<stem>.csv`` and (with ``picture``) ``<stem>.png`` in ``folder``."""
+    written = [path_join(folder, f"{stem}.csv")]
+    write_file(written[0], reports.matrix_csv(matrix, names))
+    if picture:
+        written.insert(0, path_join(folder, f"{stem}.png"))
+        write_file(written[0], reports.png_bytes(reports.render(reports.confusion_figure(matrix, names, title))))
     return written
 
 
 class EvaluationReport:
     """Keeps a validation's or test's ``count`` most confidently wrong images and writes its report."""
 
-    def __init__(self, count: int = 16) -> None:
-        self.count = count
+    def __init__(self, count: int = 16, pictures: bool = True) -> None:
+        self.count, self.pictures = count, pictures
         self.worst: list = []
 
     def start(self) -> None:
@@ -60,8 +62,8 @@ class EvaluationReport:
                             for w in worst]}
         written = [path_join(folder, f"metrics_{stage}.json")]
         reports.write_json(written[0], report)
-        written += write_matrix(folder, matrix, names, f"confusion_matrix_{stage}", stage)
-        if worst:
+        written += write_matrix(folder, matrix, names, f"confusion_matrix_{stage}", stage, self.pictures)
+        if worst and self.pictures:
             images = pl_module.preprocessing.denormalize(torch.stack([w[1] for w in worst]))
             titles = [f"true {names[w[2]]}\npred {names[w[3]]} {w[4]:.2f}" for w in worst]
             written.append(path_join(folder, f"worst_{stage}.png"))

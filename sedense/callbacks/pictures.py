@@ -15,12 +15,14 @@ from collections.abc import Callable
 class PictureQueue:
     """Pictures waiting to be drawn, by output stem (a newer one of the same file replaces the waiting one)."""
 
-    def __init__(self, share: float) -> None:
-        self.share = share
+    def __init__(self, share: float, enabled: bool = True) -> None:
+        self.share, self.enabled = share, enabled
         self.waiting: dict[str, Callable[[], None]] = {}
         self.seconds, self.drawn = 0.0, 0  # what drawing has cost so far
 
     def add(self, stem: str, draw: Callable[[], None]) -> None:
+        if not self.enabled:
+            return
         self.waiting.pop(stem, None)
         self.waiting[stem] = draw
 
@@ -38,6 +40,8 @@ class PictureQueue:
             self.timed(draw)
 
     def timed(self, draw: Callable[[], object]) -> None:
+        if not self.enabled:
+            return
         start = time.monotonic()
         draw()
         self.seconds += time.monotonic() - start

@@ -48,15 +48,20 @@ class ReportWriter(L.Callback):
         preview_images: how many training images ``train_batch.png`` shows.
         picture_share: the largest share of the training time that drawing the pictures may take during
             ``fit`` (the final ones are drawn whatever they cost); 1 draws them after every epoch, 0 only at the end.
+        pictures: draw the pictures (the PNG files and TensorBoard images above, and the calibration diagram);
+            ``false`` writes the numbers alone (JSON, CSV, scalars): for scripted or repeated runs of a small model,
+            whose pictures can cost more than its training.
     """
 
-    def __init__(self, worst_images: int = 16, preview_images: int = 16, picture_share: float = 0.02) -> None:
+    def __init__(self, worst_images: int = 16, preview_images: int = 16, picture_share: float = 0.02,
+                 pictures: bool = True) -> None:
         if not 0 <= picture_share <= 1:
             raise ConfigError(f"reports.picture_share must be between 0 and 1, got {picture_share}")
         self.preview_images = preview_images
         self.picture_share = picture_share
-        self.pictures = PictureQueue(picture_share)
-        self.evaluation = EvaluationReport(worst_images)
+        self.pictures = pictures
+        self.queue = PictureQueue(picture_share, pictures)
+        self.evaluation = EvaluationReport(worst_images, pictures)
         self.history: dict[str, dict] = {}
         self.rows: list[dict] = []
         self.best_valid: dict | None = None  # "valid info" of the best epoch so far
@@ -76,7 +81,7 @@ class ReportWriter(L.Callback):
         if stage == "fit":  # before a resumed checkpoint restores the epochs already done
             self.history, self.rows, self.best_valid, self.pending, self.elapsed = {}, [], None, None, 0.0
             self._preview_done, self._restored = False, None
-            self.pictures = PictureQueue(self.picture_share)
+            self.queue = PictureQueue(self.picture_share, self.pictures)
 
     def _train_state(self) -> dict:
         """The training counts of the epoch so far, summed over all processes (a collective)."""
@@ -151,10 +156,10 @@ class ReportWriter(L.Callback):
                 writer.add_image(stem, pixels(), global_step=step, dataformats="HWC")
 
         for i, stem in enumerate(stems):
-            self.pictures.add(stem, functools.partial(draw, stem, i == 0))
+            self.queue.add(stem, functools.partial(draw, stem, i == 0))
 
     def _draw(self, final: bool = False) -> None:
-        self.pictures.draw(self.elapsed_seconds(), final)
+        self.queue.draw(self.elapsed_seconds(), final)
 
     # ----------------------------------------------------------------------------- fit
     def on_train_start(self, trainer, pl_module) -> None:
@@ -165,7 +170,7 @@ class ReportWriter(L.Callback):
         self._restored = None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
-        if self._preview_done or not trainer.is_global_zero:
+        if self._preview_done or not trainer.is_global_zero or not self.pictures:
             return
         self._preview_done = True
         x, y = batch[0], batch[1]
@@ -174,7 +179,7 @@ class ReportWriter(L.Callback):
         titles = [pl_module.class_names[int(t)] for t in y[:n]]
         # Drawn at once (it shows the augmentation before the run goes far), and timed: what one picture costs here.
         path = path_join(run_dir(trainer), "train_batch.png")
-        self.pictures.timed(lambda: reports.save_figure(reports.image_grid_figure(images, titles), path))
+        self.queue.timed(lambda: reports.save_figure(reports.image_grid_figure(images, titles), path))
         writer = self._tensorboard(trainer)
         if writer is not None:
             writer.add_images("train_batch", images, global_step=trainer.global_step, dataformats="NHWC")
@@ -245,7 +250,7 @@ class ReportWriter(L.Callback):
         write_file(path_join(folder, "results.csv"), text)
         rows = list(self.rows)
         curves = path_join(folder, "results.png")
-        self.pictures.add("results", lambda: reports.save_figure(reports.results_figure(rows), curves))
+        self.queue.add("results", lambda: reports.save_figure(reports.results_figure(rows), curves))
 
         best = val_info is not None and (self.best_valid is None or val_info["accuracy"] > self.best_valid["accuracy"])
         if best:
