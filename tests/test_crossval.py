@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import TINY, make_folder, read_csv, run_cli
+from conftest import ONE_THREAD, TINY, make_folder, read_csv, run_cli, run_sedense
 
 
 def test_folds_validate_every_file_exactly_once_stratified_and_reproducible():
@@ -58,6 +58,22 @@ def test_cv_writes_out_of_fold_probabilities_for_every_photo_and_a_summary(tmp_p
         split = read_csv(Path(fold["run"]) / "split.csv")
         assert sorted(r["path"] for r in split if r["subset"] == "val") == sorted(
             r["path"] for r in rows if r["fold"] == str(fold["fold"]))
+
+
+@pytest.mark.xdist_group("processes")  # never beside another test that runs several processes
+def test_cv_under_two_processes_answers_every_photo_once(tmp_path):
+    # Every fold's fit is launched by rank 0's command and joined by rank 1's copy of it; the answers of both
+    # processes are gathered into one oof.csv.
+    make_folder(tmp_path / "data", {"cardboard": 6, "glass": 6, "metal": 6})
+    run_sedense(["cv", "--folds", "2", *TINY, "--data.root", "data", "--data.batch_size", "4",
+                 "--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.max_epochs", "1"],
+                tmp_path, timeout=300, env=ONE_THREAD)
+    rows = read_csv(tmp_path / "lightning_logs" / "cv-version_0" / "oof.csv")
+    photos = sorted(str(p.relative_to(tmp_path)) for p in (tmp_path / "data").rglob("*.png"))
+    assert sorted(r["path"] for r in rows) == photos  # every photo once, from whichever process answered it
+    assert Counter(r["fold"] for r in rows) == {"0": 9, "1": 9}
+    result = json.loads((tmp_path / "lightning_logs" / "cv-version_0" / "cv.json").read_text())
+    assert result["accuracy"]["n"] == 2 and len({f["run"] for f in result["per_fold"]}) == 2
 
 
 def test_folds_are_refused_in_one_line_where_they_cannot_work(tmp_path):

@@ -342,7 +342,6 @@ def test_a_resumed_plan_follows_the_options_in_force():
     assert same.resume(50, 5, 10, 5, 60.0, 10.0) == [] and same.state_dict() == plan.state_dict()
 
 
-@pytest.mark.xdist_group("processes")  # timed: never beside another test that runs several processes
 def test_a_longer_budget_after_a_finished_run_trains_the_extension_down_to_the_floor(tmp_path):
     import csv
 
