@@ -80,6 +80,21 @@ def ece_interval(probs: torch.Tensor, labels: torch.Tensor, seed: int = 0) -> li
     return [round(float(v), 4) for v in np.percentile(draws, [2.5, 97.5])]
 
 
+def ece_of_a_calibrated_model(probs: torch.Tensor, seed: int = 0, draws: int = 200) -> list[float]:
+    """The calibration error a perfectly calibrated model would show on these photos: each photo's answer counted
+    right with the probability its confidence says (mean, 2.5% and 97.5% over the draws). A measured error near it
+    is what the number of photos allows, not a fault of the calibration."""
+    confidence, predicted = probs.max(1)
+    rng = np.random.default_rng(seed)
+    errors = []
+    for _ in range(draws):
+        right = torch.from_numpy(rng.random(len(confidence)) < confidence.numpy())
+        # a label that makes the answer right or (any other class) wrong, as drawn
+        labels = torch.where(right, predicted, (predicted + 1) % probs.shape[1])
+        errors.append(calibration_error(probs, labels))
+    return [round(float(v), 4) for v in (np.mean(errors), *np.percentile(errors, [2.5, 97.5]))]
+
+
 def cross_fit(log_probs: torch.Tensor, labels: torch.Tensor, half: np.ndarray, target: float) -> dict:
     """Fit on one half, judge on the other, both ways; every photo's probabilities come from the other half's
     temperature, and its acceptance from the other half's threshold."""
@@ -105,7 +120,8 @@ def cross_fit(log_probs: torch.Tensor, labels: torch.Tensor, half: np.ndarray, t
                        "ece_before": round(calibration_error(log_probs.softmax(1), labels), 4),
                        "ece_before_interval": ece_interval(log_probs.softmax(1), labels),
                        "ece_after": round(calibration_error(calibrated, labels), 4),
-                       "ece_after_interval": ece_interval(calibrated, labels)}}
+                       "ece_after_interval": ece_interval(calibrated, labels),
+                       "ece_if_perfectly_calibrated": ece_of_a_calibrated_model(calibrated)}}
 
 
 def candidate_scores(named_probs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -145,6 +161,8 @@ def main() -> None:
     parser.add_argument("--target_precision", type=float, default=0.95)
     parser.add_argument("--seed", type=int, default=0, help="the draw of the halves (checkpoints)")
     parser.add_argument("--png", help="draw the candidates' risk-coverage curves here")
+    parser.add_argument("--tta", action="store_true", help="fit and judge the calibration on the flip-TTA answers "
+                        "(what a model with model.tta: true calibrates on)")
     args = parser.parse_args()
     if bool(args.oof) == bool(args.ckpt):
         parser.error("give either oof.csv or --ckpt")
@@ -163,11 +181,12 @@ def main() -> None:
                 paths = these_paths
                 tag = (f"model {i + 1} " if len(args.ckpt) > 1 else "") + ("flip TTA" if tta else "")
                 named[tag.strip()] = np.exp(these)
-                if i == 0 and not tta:
+                if i == 0 and tta == args.tta:
                     log_probs = these
         if len(args.ckpt) > 1:
             named["ensemble"] = np.mean([named[f"model {i + 1}"] for i in range(len(args.ckpt))], axis=0)
-        half, source = stratified_halves(labels, args.seed), {"checkpoints": args.ckpt, "seed": args.seed}
+        half, source = stratified_halves(labels, args.seed), {"checkpoints": args.ckpt, "seed": args.seed,
+                                                              "calibrated_on": "flip TTA" if args.tta else "plain"}
     y = torch.from_numpy(labels)
     judged = cross_fit(torch.from_numpy(log_probs).float(), y, half, args.target_precision)
     candidates = candidate_scores(named)
