@@ -1,5 +1,5 @@
-"""Checkpoints: read safely (tensors and numbers only, unless trusted), written whole or not at all, and found by
-the aliases ``best`` and ``last``."""
+"""Checkpoints: read safely (tensors and numbers only, unless trusted) and found by the aliases ``best`` and
+``last``; Lightning writes them whole or not at all through :mod:`sedense.checkpoint_io`."""
 
 from __future__ import annotations
 
@@ -9,14 +9,11 @@ import pickle
 import re
 import zipfile
 from pathlib import Path
-from typing import Any
 
 import torch
-from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-from lightning.fabric.utilities.cloud_io import get_filesystem
 
 from sedense.errors import ConfigError, first_line
-from sedense.runs import RUN_DIR, Location, is_remote, path_join, print_once, runs_under, write_file
+from sedense.runs import RUN_DIR, Location, get_filesystem, is_remote, path_join, print_once, runs_under
 
 
 def is_torchscript(path) -> bool:
@@ -67,32 +64,6 @@ def read_checkpoint(path: Location, trusted: bool = False, option: str = "--ckpt
             raise ConfigError(f"{option}: cannot read {path} ({err})") from None
         return safe_load(io.BytesIO(data), option, trusted=trusted)
     return safe_load(path, option, mmap=True, trusted=trusted)
-
-
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Checkpoints written through :func:`write_file` locally and Lightning's fsspec writer remotely; read once.
-
-    ``preloaded`` holds checkpoints the command line has already read (to check them and take their
-    hyperparameters): loading one of those again returns the same object instead of a second read.
-    """
-
-    def __init__(self, preloaded: dict[str, dict] | None = None) -> None:
-        super().__init__()
-        self.preloaded = dict(preloaded or {})
-
-    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
-        if is_remote(path):
-            super().save_checkpoint(checkpoint, path, storage_options)
-            return
-        buffer = io.BytesIO()
-        torch.save(checkpoint, buffer)  # fails before anything is written when the state cannot be saved
-        write_file(path, buffer.getbuffer())
-
-    def load_checkpoint(self, path, map_location: Any | None = None, weights_only: bool | None = None) -> dict:
-        cached = self.preloaded.pop(str(path), None)
-        if cached is not None:
-            return cached
-        return super().load_checkpoint(path, weights_only=weights_only)
 
 
 def training_runs(root_dir: Location = ".") -> list[tuple[int, Location]]:

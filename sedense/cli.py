@@ -21,7 +21,8 @@ from sedense.callbacks.calibration import Calibrator
 from sedense.callbacks.prediction_state import prediction_manifest, unfinished_prediction
 from sedense.callbacks.run_guard import RunGuard
 from sedense.callbacks.runfiles import RunFiles
-from sedense.checkpoints import AtomicCheckpointIO, read_checkpoint, resolve_ckpt_path, run_version
+from sedense.checkpoint_io import AtomicCheckpointIO
+from sedense.checkpoints import read_checkpoint, resolve_ckpt_path, run_version
 from sedense.data.datamodule import ImageFolderDataModule
 from sedense.data.folders import dataset_classes
 from sedense.deploy.inference import exported_calibration, is_exported, load_exported

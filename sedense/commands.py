@@ -7,10 +7,8 @@ import os
 import sys
 import threading
 
-from lightning.pytorch.utilities import rank_zero_only
-
-from sedense.callbacks.run_guard import RunGuard
 from sedense.errors import STORAGE_ERRNOS, ConfigError, SedenseError, StorageError
+from sedense.runs import rank_zero_only
 
 # LightningCLI's subcommands, then sedense's own: each with the line `sedense --help` shows.
 LIGHTNING = {
@@ -74,6 +72,11 @@ def _stop(message: str, code: int) -> None:
     raise SystemExit(code)
 
 
+def _note(guard) -> str:
+    """What an interrupted run kept, for the line that ends it."""
+    return f"; {guard.note}" if guard is not None and guard.note else ""
+
+
 def _thread_errors(args) -> None:
     """A background writer's full-disk error (TensorBoard's) reaches the main thread too: report it once, there."""
     if isinstance(args.exc_value, OSError) and args.exc_value.errno in STORAGE_ERRNOS:
@@ -84,7 +87,7 @@ def _thread_errors(args) -> None:
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``sedense`` command."""
     argv = list(sys.argv[1:] if args is None else args)
-    guard = RunGuard()
+    guard = None  # a Lightning command's: what its run was doing when it stopped
     threading.excepthook = _thread_errors
     done = False
     try:
@@ -93,7 +96,10 @@ def main(args: list[str] | None = None) -> None:
         elif argv[0] in OWN:
             own_command(argv[0])(argv[1:])
         elif argv[0] in LIGHTNING or argv[0].startswith("-"):  # LightningCLI's options before the subcommand
+            from sedense.callbacks.run_guard import RunGuard
             from sedense.cli import cli_main
+
+            guard = RunGuard()
 
             if argv[0] == "calibrate" and args is None:
                 sys.argv[1:] = calibrate_args(argv[1:])  # LightningCLI reads the command line itself
@@ -107,18 +113,19 @@ def main(args: list[str] | None = None) -> None:
     except SedenseError as err:
         _stop(f"error: {err}", err.exit_code)
     except KeyboardInterrupt:
-        _stop("interrupted" + (f"; {guard.note}" if guard.note else ""), 130)
+        _stop("interrupted" + _note(guard), 130)
     except SystemExit as exit_:
         done = exit_.code in (0, None)
-        if guard.interrupted and not done:  # Lightning ends an interrupted run with exit(1)
-            _stop("interrupted" + (f"; {guard.note}" if guard.note else ""), 130)
+        if guard is not None and guard.interrupted and not done:  # Lightning ends an interrupted run with exit(1)
+            _stop("interrupted" + _note(guard), 130)
         raise
     except OSError as err:
         if err.errno in STORAGE_ERRNOS:  # raised by a library (TensorBoard, fsspec) rather than through write_file
-            _stop(f"error: {StorageError(err.filename or guard.folder or os.getcwd(), err)}", 1)
+            folder = err.filename or (guard.folder if guard is not None else None) or os.getcwd()
+            _stop(f"error: {StorageError(folder, err)}", 1)
         raise
     finally:
-        if not done:
+        if not done and guard is not None:
             guard.remove_if_unused()
 
 

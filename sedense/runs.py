@@ -18,10 +18,16 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from lightning.fabric.utilities.cloud_io import get_filesystem
-from lightning.pytorch.utilities import rank_zero_only
+from fsspec.core import url_to_fs
+from lightning_utilities.core.rank_zero import rank_zero_only
 
 from sedense.errors import StorageError
+
+# Lightning sets this process's rank when it is imported, from these variables; the commands that never import it
+# (serve, export, audit, compare) take it from the same ones, and Lightning keeps a rank already set.
+if getattr(rank_zero_only, "rank", None) is None:
+    rank_zero_only.rank = next((int(os.environ[key]) for key in ("RANK", "LOCAL_RANK", "SLURM_PROCID",
+                                                                  "JSM_NAMESPACE_RANK") if key in os.environ), 0)
 
 RUN_DIR = re.compile(r"version_(\d+)")
 TMP_SUFFIX = ".sedense-tmp"  # temporary files of interrupted writes end in this; cleaned at the next start
@@ -35,6 +41,11 @@ def print_once(message: str) -> None:
 
 
 # ----------------------------------------------------------------------------- writing files
+def get_filesystem(path: Location):
+    """The fsspec file system of a local path or URL (Lightning's ``get_filesystem``, without importing Lightning)."""
+    return url_to_fs(str(path))[0]
+
+
 def is_remote(path: Location) -> bool:
     """True for a URL of another file system (``s3://…``, ``memory://…``), false for a local path."""
     return "://" in str(path) and not str(path).startswith("file://")

@@ -25,7 +25,7 @@ from conftest import (
     run_cli,
     run_sedense,
 )
-from sedense.checkpoints import AtomicCheckpointIO
+from sedense.checkpoint_io import AtomicCheckpointIO
 from sedense.data import ImageFolderDataModule, check_image, load_image, scan_dataset
 from sedense.preprocessing import Preprocessing
 
