@@ -13,7 +13,8 @@ from collections.abc import Callable
 
 
 class PictureQueue:
-    """Pictures waiting to be drawn, by output stem (a newer one of the same file replaces the waiting one)."""
+    """Pictures waiting to be drawn, by output stem (a newer one of the same file replaces the waiting one); a queue
+    that is not ``enabled`` (``reports.pictures: false``) keeps none."""
 
     def __init__(self, share: float, enabled: bool = True) -> None:
         self.share, self.enabled = share, enabled
@@ -40,8 +41,6 @@ class PictureQueue:
             self.timed(draw)
 
     def timed(self, draw: Callable[[], object]) -> None:
-        if not self.enabled:
-            return
         start = time.monotonic()
         draw()
         self.seconds += time.monotonic() - start
