@@ -86,6 +86,21 @@ def sedense_env(**extra: str) -> dict:
     return {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": path, **extra}
 
 
+def foreground(umask: int | None = None):
+    """A ``preexec_fn`` giving the child what a command typed at a terminal has: Ctrl-C (SIGINT) not ignored.
+
+    A suite started in the background of a shell without job control inherits an ignored SIGINT, and Python keeps
+    an inherited SIG_IGN: without this, a test of Ctrl-C would pass or fail by how pytest was started.
+    """
+
+    def prepare() -> None:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        if umask is not None:
+            os.umask(umask)
+
+    return prepare
+
+
 # For several processes on the 2-core machine: one thread each, as Lightning's launcher does not set it.
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 

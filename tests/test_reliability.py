@@ -28,6 +28,7 @@ from conftest import (
     PREDICT,
     TINY,
     best_checkpoint,
+    foreground,
     make_folder,
     make_image,
     newest_run,
@@ -241,7 +242,7 @@ def test_ctrl_c_ends_training_with_130_after_the_last_good_checkpoint(tmp_path):
     make_folder(tmp_path / "data", {"cardboard": 20, "glass": 20})
     proc = subprocess.Popen([sys.executable, "-m", "sedense", "fit", *TINY, "--data.root", "data",
                              "--trainer.max_epochs", "500"], cwd=tmp_path, env=sedense_env(), text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=lambda: os.umask(0o027))
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=foreground(umask=0o027))
     last = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
     deadline = time.monotonic() + 120
     while not last.exists() and proc.poll() is None and time.monotonic() < deadline:
