@@ -100,7 +100,6 @@ def main(args: list[str] | None = None) -> None:
             from sedense.cli import cli_main
 
             guard = RunGuard()
-
             if argv[0] == "calibrate" and args is None:
                 sys.argv[1:] = calibrate_args(argv[1:])  # LightningCLI reads the command line itself
             elif argv[0] == "calibrate":

@@ -13,9 +13,7 @@ import json
 import os
 from pathlib import Path
 
-from lightning.fabric.utilities.cloud_io import get_filesystem
-
-from sedense.runs import is_remote, path_join, runs_under
+from sedense.runs import get_filesystem, is_remote, path_join, runs_under
 
 STATE_FILE = "predict_state.json"  # what this prediction is (to continue it), and whether it finished
 JOURNAL = "predictions.partial"  # one `<JOURNAL>.<rank>.jsonl` per process, a line per image, while predicting

@@ -7,10 +7,9 @@ import shutil
 from pathlib import Path
 
 import lightning as L
-from lightning.fabric.utilities.cloud_io import get_filesystem
 
 from sedense.callbacks.prediction_state import JOURNAL
-from sedense.runs import RUN_DIR, is_remote, path_join, run_dir
+from sedense.runs import RUN_DIR, get_filesystem, is_remote, path_join, run_dir
 
 # What every run writes as it starts; a run folder holding nothing else did nothing worth keeping.
 STARTUP_FILES = re.compile(r"events\.out\.tfevents\..*|config\.yaml|hparams\.yaml|class_indices\.json|split\.csv|"

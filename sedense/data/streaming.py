@@ -22,14 +22,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from lightning.fabric.utilities.cloud_io import get_filesystem
 from torch.utils.data import default_collate
 
 from sedense.data.datasets import UNREADABLE
 from sedense.data.folders import Split, scan_dataset
 from sedense.data.images import load_image
 from sedense.errors import DataError, require_extra
-from sedense.runs import class_indices_json, file_list_csv, is_remote, path_join, split_csv, write_file
+from sedense.runs import class_indices_json, file_list_csv, get_filesystem, is_remote, path_join, split_csv, write_file
 
 META = "sedense.json"
 SUBSETS = ("train", "val", "test")
