@@ -111,8 +111,8 @@ def main(args: list[str] | None = None) -> None:
         done = True
     except SedenseError as err:
         _stop(f"error: {err}", err.exit_code)
-    except KeyboardInterrupt:
-        _stop("interrupted" + _note(guard), 130)
+    except KeyboardInterrupt as interrupt:
+        _stop("interrupted" + (f"; {interrupt}" if str(interrupt) else _note(guard)), 130)
     except SystemExit as exit_:
         done = exit_.code in (0, None)
         if guard is not None and guard.interrupted and not done:  # Lightning ends an interrupted run with exit(1)

@@ -257,6 +257,30 @@ def test_ctrl_c_ends_training_with_130_after_the_last_good_checkpoint(tmp_path):
         assert written.stat().st_mode & 0o777 == 0o640  # the user's umask (027), not a fixed mode
 
 
+def test_ctrl_c_during_optimize_ends_with_130_and_the_same_command_then_writes_the_chunks(tmp_path):
+    pytest.importorskip("litdata")
+    psutil = pytest.importorskip("psutil")
+    make_folder(tmp_path / "data", {"cardboard": 12, "glass": 12})
+    args = ["optimize", "--data.root", "data", "--output", "chunks", "--num_workers", "1"]
+    proc = subprocess.Popen([sys.executable, "-m", "sedense", *args], cwd=tmp_path, env=sedense_env(), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+                            preexec_fn=foreground())
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "chunks").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)  # until LitData has started writing
+    os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C at a terminal: to every process of the command's group
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-3000:]  # LitData's own handler ended the command with 0
+    assert err.strip() == "sedense: interrupted; the partial chunks in chunks were removed; run the same command again"
+    assert not out and not (tmp_path / "chunks").exists()
+    assert not [p for p in psutil.process_iter(["cwd"]) if p.info["cwd"] == str(tmp_path)], "writers left running"
+
+    handler = signal.getsignal(signal.SIGINT)
+    assert "Wrote 2 classes" in run_cli(args, tmp_path).stdout
+    assert signal.getsignal(signal.SIGINT) is handler  # LitData's, left behind, would end a notebook's kernel
+    assert json.loads((tmp_path / "chunks" / "sedense.json").read_text())["subsets"] == {"train": 20, "val": 4}
+
+
 def test_a_full_disk_ends_in_one_line_and_keeps_what_was_written(tmp_path):
     make_folder(tmp_path / "data", {"cardboard": 8, "glass": 8})
     limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (40_000, 40_000))  # noqa: E731 - files over 40 kB fail

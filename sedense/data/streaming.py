@@ -13,12 +13,17 @@ as they would be from files.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import io
 import json
+import multiprocessing
 import os
+import pickle
+import signal
+import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -32,6 +37,7 @@ from sedense.runs import class_indices_json, file_list_csv, get_filesystem, is_r
 
 META = "sedense.json"
 SUBSETS = ("train", "val", "test")
+TRACKER_QUIET = "ignore::UserWarning:multiprocessing.resource_tracker"
 
 
 def require_litdata():
@@ -44,25 +50,105 @@ def _sample(item: tuple[str, int, int]) -> dict:
     return {"image": Path(path).read_bytes(), "label": int(label), "position": int(position)}
 
 
+def _write_subsets(connection) -> None:
+    """In the helper process: LitData writes the chunks of the subsets received; the answer is ``None`` or the
+    error."""
+    if hasattr(os, "setpgrp"):  # the helper and its writers leave the terminal's group: Ctrl-C reaches the command
+        os.setpgrp()
+    try:
+        litdata = require_litdata()
+        for inputs, output_dir, chunk_bytes, workers in connection.recv():
+            litdata.optimize(fn=_sample, inputs=inputs, output_dir=output_dir, chunk_bytes=chunk_bytes,
+                             num_workers=workers, reorder_files=False, verbose=False)
+    except Exception as err:  # noqa: BLE001 - every failure goes back to the command, which reports it
+        try:
+            pickle.loads(pickle.dumps(err))
+        except Exception:  # noqa: BLE001 - an error that cannot travel goes back as its text
+            err = RuntimeError(f"{type(err).__name__}: {err}")
+        connection.send(err)
+        return
+    connection.send(None)
+
+
+@contextlib.contextmanager
+def _starting_quietly() -> Iterator[None]:
+    """While the helper process starts (milliseconds: what it needs comes later, through its pipe): Ctrl-C ignored,
+    which the helper inherits until it leaves the terminal's group instead of printing a traceback from its imports;
+    and multiprocessing's resource tracker, started with the first helper, told not to warn about the semaphores of
+    the LitData queues that a stopped helper leaves it to free."""
+    warnings_before = os.environ.get("PYTHONWARNINGS")
+    os.environ["PYTHONWARNINGS"] = ",".join(filter(None, [warnings_before, TRACKER_QUIET]))
+    main = threading.current_thread() is threading.main_thread()  # where Python may change a signal's handling
+    handler = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
+    try:
+        yield
+    finally:
+        if main:
+            signal.signal(signal.SIGINT, handler)
+        if warnings_before is None:
+            del os.environ["PYTHONWARNINGS"]
+        else:
+            os.environ["PYTHONWARNINGS"] = warnings_before
+
+
+def _write_in_helper(jobs: list) -> None:
+    """Run LitData's writers in a helper process: a Ctrl-C is reported, and this process keeps its SIGINT handler.
+
+    LitData installs a SIGINT handler that ends its process with exit status 0 (a script would carry on as if the
+    chunks were complete) and leaves it installed (the next Ctrl-C in a notebook would end the kernel).
+    """
+    context = multiprocessing.get_context("spawn")
+    connection, helper_end = context.Pipe()
+    helper = context.Process(target=_write_subsets, args=(helper_end,), name="sedense-optimize")
+    try:
+        with _starting_quietly():
+            helper.start()
+        helper_end.close()  # the helper holds it: the helper's end, however it comes, is an EOF here
+        try:
+            connection.send(jobs)
+            outcome = connection.recv()
+        except (EOFError, BrokenPipeError):  # the helper ended without a word: killed
+            helper.join()
+            raise DataError(f"the chunk writer process ended with exit code {helper.exitcode}; "
+                            "run the same command again with an empty --output") from None
+        helper.join()
+    except KeyboardInterrupt:
+        if helper.pid is not None:
+            helper.terminate()  # before it made its group, it has no writers
+            if hasattr(os, "killpg"):
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(helper.pid, signal.SIGTERM)  # the writers it started
+            helper.join()
+        raise
+    finally:
+        connection.close()
+    if outcome is not None:
+        raise outcome
+
+
 def optimize_folder(root: Path, output: str, val_split: float = 0.2, seed: int = 42, verify: str = "header",
                     chunk_bytes: str = "64MB", num_workers: int | None = None) -> Split:
     """Write the labelled folder ``root`` as LitData chunks under ``output``; returns the split it wrote."""
-    litdata = require_litdata()
+    require_litdata()
     fs = get_filesystem(output)
     if fs.exists(output) and fs.ls(output):
         raise DataError(f"--output {output} already holds files; give an empty or new folder")
     split = scan_dataset(Path(root), val_split, seed, verify)
     index = {c: i for i, c in enumerate(split.class_names)}
-    counts = {}
+    jobs, counts = [], {}
     for subset in SUBSETS:
         pairs = getattr(split, subset)
-        if not pairs:
-            continue
-        inputs = [(str(p), index[c], i) for i, (p, c) in enumerate(pairs)]
-        workers = num_workers or min(os.cpu_count() or 1, 8, len(inputs))  # one per core
-        litdata.optimize(fn=_sample, inputs=inputs, output_dir=str(path_join(output, subset)), chunk_bytes=chunk_bytes,
-                         num_workers=workers, reorder_files=False, verbose=False)
-        counts[subset] = len(pairs)
+        if pairs:
+            inputs = [(str(p), index[c], i) for i, (p, c) in enumerate(pairs)]
+            workers = num_workers or min(os.cpu_count() or 1, 8, len(inputs))  # one per core
+            jobs.append((inputs, str(path_join(output, subset)), chunk_bytes, workers))
+            counts[subset] = len(pairs)
+    try:
+        _write_in_helper(jobs)
+    except KeyboardInterrupt:
+        if fs.exists(output):
+            fs.rm(str(output), recursive=True)  # it was empty or absent: nothing of the user's is removed
+        raise KeyboardInterrupt(f"the partial chunks in {output} were removed; run the same command again") from None
     write_file(path_join(output, "class_indices.json"), class_indices_json(split.class_names))
     write_file(path_join(output, "split.csv"), split_csv(split))
     write_file(path_join(output, "skipped_files.csv"), file_list_csv(split.skipped))
