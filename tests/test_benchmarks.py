@@ -1,6 +1,10 @@
 """The benchmark scripts whose figures the README quotes: checked against the commands and an independent count."""
 
+import contextlib
+import io
 import json
+import os
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +19,21 @@ AGREEMENT = Path(__file__).resolve().parents[1] / "benchmarks" / "checkpoint_agr
 
 
 def agreement(*args, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(AGREEMENT), *map(str, args)], cwd=cwd, capture_output=True, text=True)
+    """``python benchmarks/checkpoint_agreement.py ARGS`` in ``cwd``, run in this process (no new interpreter)."""
+    out, err, code, argv, before = io.StringIO(), io.StringIO(), 0, sys.argv, os.getcwd()
+    sys.argv = [str(AGREEMENT), *map(str, args)]
+    os.chdir(cwd)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            runpy.run_path(str(AGREEMENT), run_name="__main__")
+    except SystemExit as stop:  # what the interpreter does with it: a message goes to stderr, with status 1
+        if isinstance(stop.code, str):
+            err.write(stop.code + "\n")
+        code = 1 if isinstance(stop.code, str) else stop.code or 0
+    finally:
+        sys.argv = argv
+        os.chdir(before)
+    return subprocess.CompletedProcess(sys.argv, code, out.getvalue(), err.getvalue())
 
 
 def test_checkpoint_agreement_matches_validate_and_counts_shared_errors(tmp_path):

@@ -7,9 +7,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-import requests
 
-from conftest import serving
+from conftest import best_checkpoint, newest_run, predict_args, run_cli, serving
 
 BROWSER = next(filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None)
 DRIVER = shutil.which("chromedriver")
@@ -30,15 +29,20 @@ def browser():
     driver.quit()
 
 
-# Chromium is several processes, and the test serves from two more: never beside a test that times itself
+# Chromium is several processes, and the service two more: never beside a test that times itself
 @pytest.mark.xdist_group("processes")
 def test_the_page_classifies_a_photo_like_predict_and_survives_bad_files(trained_run, browser, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    photos = sorted((trained_run / "data").rglob("*.png"))[::4]
-    with serving(trained_run, "--ckpt_path", "best", "--max_upload_mb", "1", "--threshold", "0") as url:
-        api = {p: requests.post(f"{url}/predict", data=p.read_bytes(), timeout=60).json() for p in photos}
+    inbox = tmp_path / "inbox"
+    for photo in sorted((trained_run / "data").rglob("*.png"))[::4]:
+        (inbox / photo.parent.name).mkdir(parents=True, exist_ok=True)
+        shutil.copy(photo, inbox / photo.parent.name / photo.name)
+    run_cli(predict_args(best_checkpoint(trained_run), inbox, tmp_path / "predicted"), tmp_path)
+    predicted = json.loads((newest_run(tmp_path / "predicted") / "predictions.json").read_text())
+    api = {Path(r["path"]): r for r in predicted}  # what predict says of each photo: the page must say the same
+    photos = sorted(api)
     confidences = sorted(a["confidence"] for a in api.values())
     threshold = (confidences[0] + confidences[-1]) / 2  # one photo above it, one below: both answers shown
     sure, unsure = max(photos, key=lambda p: api[p]["confidence"]), min(photos, key=lambda p: api[p]["confidence"])

@@ -255,9 +255,12 @@ def test_int8_export_is_checked_against_fp32_and_predicts(trained, tmp_path, mon
     assert bad.stderr.strip() == "sedense: error: --quantize int8 needs --format onnx, not torchscript"
 
 
-@pytest.fixture
-def server(trained):
-    with serving(trained, "--ckpt_path", "best", "--max_upload_mb", "1", "--max_batch_size", "4") as url:
+@pytest.fixture(scope="module")
+def server(trained_run):
+    """One service for this module's tests (they share an xdist group, so one worker starts it). A long batch
+    timeout: a batch may wait that long for the requests that come with it, but a lone user's photo comes with none."""
+    with serving(trained_run, "--ckpt_path", "best", "--max_upload_mb", "1", "--batch_timeout", "4",
+                 "--max_batch_size", "8") as url:
         yield url
 
 
@@ -282,6 +285,7 @@ def broken_exif_jpeg(path: Path) -> Path:
     return path
 
 
+@pytest.mark.xdist_group("service")
 def test_service_answers_a_concurrent_burst_and_rejects_bad_uploads(trained, server, tmp_path):
     import requests
 
@@ -333,22 +337,21 @@ def test_service_answers_a_concurrent_burst_and_rejects_bad_uploads(trained, ser
     assert not re.search(r"""(src|href)=["']?(https?:)?//""", page.text) and "@import" not in page.text  # offline
 
 
-def test_a_lone_request_is_not_kept_waiting_for_a_batch_to_fill(trained):
+@pytest.mark.xdist_group("service")
+def test_a_lone_request_is_not_kept_waiting_for_a_batch_to_fill(trained, server):
     import requests
 
     files = sorted((trained / "data").rglob("*.png"))
-    # A long batch timeout: a batch may wait that long for the requests that come with it, but a lone user's
-    # photo comes with none (it waited the whole timeout, every time).
-    with serving(trained, "--ckpt_path", "best", "--batch_timeout", "4", "--max_batch_size", "8") as url:
-        def post(path: Path) -> tuple[float, dict]:
-            start = time.perf_counter()
-            answer = requests.post(f"{url}/predict", data=path.read_bytes(), timeout=60)
-            return time.perf_counter() - start, answer.json()
 
-        lone = [post(path)[0] for path in files[:3]]
-        with ThreadPoolExecutor(8) as pool:  # then 8 users at once: batched together, all answered
-            burst = list(pool.map(post, files[3:11]))
-        after = [post(path) for path in files[11:14]]
+    def post(path: Path) -> tuple[float, dict]:  # the service's batch timeout is 4 s: a lone photo waited it all
+        start = time.perf_counter()
+        answer = requests.post(f"{server}/predict", data=path.read_bytes(), timeout=60)
+        return time.perf_counter() - start, answer.json()
+
+    lone = [post(path)[0] for path in files[:3]]
+    with ThreadPoolExecutor(8) as pool:  # then 8 users at once: batched together, all answered
+        burst = list(pool.map(post, files[3:11]))
+    after = [post(path) for path in files[11:14]]
     assert max(lone) < 2.0, lone
     assert all("class" in answer for _, answer in burst + after)
     assert sorted(seconds for seconds, _ in after)[1] < 2.0  # alone again: no more waiting
