@@ -3,9 +3,10 @@ at a random batch followed by a rerun.
 
 For each case: no traceback, every unusable file named once (in the command's list or its one-line answer),
 every usable one used, nothing already written lost, and the rerun completes. The cases: 12 hostile files
-(6 usable, 6 not) at each of predict, fit, test, export, INT8 calibration and check, the service and optimize
-(84), a list with a `../` entry and a missing file, a read-only folder for predict and export, a disk that fills
-up mid-prediction, and kills at random batches of prediction (2) and training (1): 91.
+(6 usable, 6 not) at each of predict, fit, test, export, INT8 calibration and check, the service (in
+test_hostile.py, beside the other hostile requests to one service) and optimize (84), a list with a `../`
+entry and a missing file, a read-only folder for predict and export, a disk that fills up mid-prediction, and
+kills at random batches of prediction (2) and training (1): 91.
 """
 
 from __future__ import annotations
@@ -35,7 +36,6 @@ from conftest import (
     read_only,
     run_cli,
     run_sedense,
-    serving,
 )
 
 
@@ -162,21 +162,6 @@ def test_export_and_int8_calibration_skip_unusable_images_and_say_how_many(train
     assert report["images"] == 4 + len(usable) and report["unreadable_images"] == 1  # the truncated JPEG
     assert report["calibration_images"] + report["unreadable_calibration_images"] <= 4 + len(usable) + 1
     assert "skipped" in proc.stdout.splitlines()[-3] and "truncated.jpg" in proc.stdout
-
-
-@pytest.mark.xdist_group("processes")  # a service of several processes
-def test_the_service_answers_every_hostile_upload_alone(trained_run, tmp_path):
-    import requests
-
-    usable, unusable = hostile_folder(tmp_path / "hostile")
-    with serving(trained_run, "--ckpt_path", "best") as url:
-        for path in usable + unusable:
-            answer = requests.post(f"{url}/predict", data=path.read_bytes(), timeout=60)
-            if path in usable:
-                assert answer.status_code == 200 and "class" in answer.json(), (path.name, answer.text)
-            else:
-                assert answer.status_code == 400 and answer.json()["error"], (path.name, answer.text)
-        assert requests.post(f"{url}/predict", data=usable[0].read_bytes(), timeout=60).status_code == 200
 
 
 def test_optimize_writes_the_usable_files_and_training_from_its_chunks_goes_on(tmp_path):

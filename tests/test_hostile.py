@@ -22,6 +22,7 @@ from urllib.parse import urlparse
 import pytest
 import torch
 from PIL import Image
+from test_fault_injection import hostile_folder
 
 from conftest import (
     COLOURS,
@@ -257,50 +258,75 @@ def raw_request(url: str, head: bytes, body: bytes, wait: float) -> bytes:
         return answer
 
 
-@pytest.mark.xdist_group("processes")  # a service of several processes
-def test_the_service_answers_each_request_alone(trained_run, tmp_path):
-    import requests
+HOSTILE_NAMES = ["card<!--<script>board", "glass", "metal"]
 
-    # Grad-CAM "not installed" (the `serve` extra alone): a package of that name that cannot be imported.
-    fake = tmp_path / "no-grad-cam" / "pytorch_grad_cam"
+
+@pytest.fixture(scope="module")
+def hostile_service(trained_run, tmp_path_factory):
+    """One service for the tests of hostile requests (one xdist group: one worker starts it): class names that
+    are markup, Grad-CAM "not installed" (the `serve` extra alone: a package of that name that cannot be
+    imported), batches of 8 within 0.5 s, and 1 s for a request's body."""
+    folder = tmp_path_factory.mktemp("hostile-service")
+    fake = folder / "no-grad-cam" / "pytorch_grad_cam"
     fake.mkdir(parents=True)
     (fake / "__init__.py").write_text("raise ImportError('simulated: grad-cam is not installed')\n")
-    names = ["card<!--<script>board", "glass", "metal"]
-    ckpt = renamed_checkpoint(best_checkpoint(trained_run), tmp_path / "renamed.ckpt", names)
+    ckpt = renamed_checkpoint(best_checkpoint(trained_run), folder / "renamed.ckpt", HOSTILE_NAMES)
+    with serving(trained_run, "--ckpt_path", ckpt, "--max_batch_size", "8", "--batch_timeout", "0.5",
+                 "--body_timeout", "1", env={"PYTHONPATH": str(fake.parent)}) as url:
+        yield url
+
+
+@pytest.mark.xdist_group("processes")  # a service of several processes
+def test_the_service_answers_each_request_alone(trained_run, hostile_service, tmp_path):
+    import requests
+
+    names, url = HOSTILE_NAMES, hostile_service
     photo = (sorted((trained_run / "data" / "glass").iterdir())[0]).read_bytes()
     thin = tmp_path / "thin"
     write_thin(thin)
-    with serving(trained_run, "--ckpt_path", ckpt, "--max_batch_size", "8", "--batch_timeout", "0.5",
-                 "--body_timeout", "1", env={"PYTHONPATH": str(fake.parent)}) as url:
-        page = requests.get(url, timeout=30).text
-        config_text = page.split('<script id="config" type="application/json">')[1].split("</script>")[0]
-        assert "<" not in config_text  # no class name can close the element or open a comment in it
-        config = json.loads(config_text)
-        assert config["classes"] == names and config["explain"] is False  # the page hides its heat-map box
+    page = requests.get(url, timeout=30).text
+    config_text = page.split('<script id="config" type="application/json">')[1].split("</script>")[0]
+    assert "<" not in config_text  # no class name can close the element or open a comment in it
+    config = json.loads(config_text)
+    assert config["classes"] == names and config["explain"] is False  # the page hides its heat-map box
 
-        def ask(explain: bool):
-            return requests.post(f"{url}/predict" + ("?explain=1" if explain else ""), data=photo, timeout=60)
+    def ask(explain: bool):
+        return requests.post(f"{url}/predict" + ("?explain=1" if explain else ""), data=photo, timeout=60)
 
-        with ThreadPoolExecutor(8) as pool:
-            answers = list(pool.map(ask, [False, False, False, True, False, False, False, False]))
-        explained = answers.pop(3)
-        assert [a.status_code for a in answers] == [200] * 7 and {a.json()["class"] for a in answers} <= set(names)
-        assert explained.status_code == 501 and "grad-cam" in explained.json()["error"].lower()
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(ask, [False, False, False, True, False, False, False, False]))
+    explained = answers.pop(3)
+    assert [a.status_code for a in answers] == [200] * 7 and {a.json()["class"] for a in answers} <= set(names)
+    assert explained.status_code == 501 and "grad-cam" in explained.json()["error"].lower()
 
-        for path in sorted(thin.iterdir()):
-            refused = requests.post(f"{url}/predict", data=path.read_bytes(), timeout=60)
-            assert refused.status_code == 400 and "too thin" in refused.json()["error"], refused.text
-        no_boundary = requests.post(f"{url}/predict", data=b"--x\r\n", timeout=60,
-                                    headers={"content-type": "multipart/form-data"})
-        assert no_boundary.status_code == 400 and "multipart" in no_boundary.json()["error"]
-        nested = requests.post(f"{url}/predict", data=b"[" * 200_000 + b"]" * 200_000, timeout=60,
-                               headers={"content-type": "application/json"})
-        assert nested.status_code == 400 and "JSON uploads need" in nested.json()["error"]
-        head = (f"POST /predict HTTP/1.1\r\nHost: {urlparse(url).netloc}\r\nContent-Type: image/png\r\n"
-                "Content-Length: 100000\r\n\r\n").encode()
-        stalled = raw_request(url, head, photo[:100], wait=1)
-        assert stalled.startswith(b"HTTP/1.1 408") and b"longer than 1 s" in stalled
-        assert ask(False).status_code == 200  # and the service still answers
+    for path in sorted(thin.iterdir()):
+        refused = requests.post(f"{url}/predict", data=path.read_bytes(), timeout=60)
+        assert refused.status_code == 400 and "too thin" in refused.json()["error"], refused.text
+    no_boundary = requests.post(f"{url}/predict", data=b"--x\r\n", timeout=60,
+                                headers={"content-type": "multipart/form-data"})
+    assert no_boundary.status_code == 400 and "multipart" in no_boundary.json()["error"]
+    nested = requests.post(f"{url}/predict", data=b"[" * 200_000 + b"]" * 200_000, timeout=60,
+                           headers={"content-type": "application/json"})
+    assert nested.status_code == 400 and "JSON uploads need" in nested.json()["error"]
+    head = (f"POST /predict HTTP/1.1\r\nHost: {urlparse(url).netloc}\r\nContent-Type: image/png\r\n"
+            "Content-Length: 100000\r\n\r\n").encode()
+    stalled = raw_request(url, head, photo[:100], wait=1)
+    assert stalled.startswith(b"HTTP/1.1 408") and b"longer than 1 s" in stalled
+    assert ask(False).status_code == 200  # and the service still answers
+
+
+@pytest.mark.xdist_group("processes")  # a service of several processes
+def test_the_service_answers_every_hostile_upload_alone(hostile_service, tmp_path):
+    import requests
+
+    usable, unusable = hostile_folder(tmp_path / "hostile")  # the photos every entry point gets
+    for path in usable + unusable:
+        answer = requests.post(f"{hostile_service}/predict", data=path.read_bytes(), timeout=60)
+        if path in usable:
+            assert answer.status_code == 200 and "class" in answer.json(), (path.name, answer.text)
+        else:
+            assert answer.status_code == 400 and answer.json()["error"], (path.name, answer.text)
+    assert requests.post(f"{hostile_service}/predict", data=usable[0].read_bytes(), timeout=60).status_code == 200
 
 
 def test_the_page_escapes_its_config_and_reads_answers_that_are_not_json():
