@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import random
 import resource
 import signal
@@ -180,6 +181,29 @@ def test_optimize_writes_the_usable_files_and_training_from_its_chunks_goes_on(t
                    "--trainer.max_epochs", "1"], tmp_path)
     clean(fit)
     assert (newest_run(tmp_path) / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_optimize_whose_writer_processes_die_says_so_and_removes_the_partial_chunks(tmp_path, monkeypatch):
+    pytest.importorskip("litdata")
+    make_folder(tmp_path / "data", {"cardboard": 6, "glass": 6})
+    # Every writer process LitData starts (a child of the chunk-writing helper) ends before a word, as a killed
+    # or crashed one does: LitData then finishes as if every image had been written.
+    (tmp_path / "kill" / "sitecustomize.py").parent.mkdir()
+    (tmp_path / "kill" / "sitecustomize.py").write_text(
+        "import os, sys\n"
+        "if '--multiprocessing-fork' in sys.argv:\n"
+        "    import psutil\n"
+        "    if any('multiprocessing.spawn' in part for part in psutil.Process(os.getppid()).cmdline()):\n"
+        "        os._exit(1)\n")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path / "kill"), os.environ.get("PYTHONPATH", "")]))
+    failed = run_cli(["optimize", "--data.root", "data", "--output", "chunks", "--num_workers", "1"], tmp_path,
+                     check=False)
+    clean(failed)
+    assert failed.returncode == 2 and not failed.stdout, failed.stdout
+    assert failed.stderr.strip() == (
+        "sedense: error: the chunk writers wrote 0 of the 10 images of train (a writer process ended early); "
+        "the partial chunks in chunks were removed; run the same command again")
+    assert not (tmp_path / "chunks").exists()
 
 
 # ----------------------------------------------------------------------------- output folders that refuse writes

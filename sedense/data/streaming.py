@@ -60,6 +60,10 @@ def _write_subsets(connection) -> None:
         for inputs, output_dir, chunk_bytes, workers in connection.recv():
             litdata.optimize(fn=_sample, inputs=inputs, output_dir=output_dir, chunk_bytes=chunk_bytes,
                              num_workers=workers, reorder_files=False, verbose=False)
+            written = _samples_written(output_dir)
+            if written != len(inputs):  # LitData finishes as if done when a writer process dies without a word
+                raise DataError(f"the chunk writers wrote {written} of the {len(inputs)} images of "
+                                f"{output_dir.rstrip('/').rsplit('/', 1)[-1]} (a writer process ended early)")
     except Exception as err:  # noqa: BLE001 - every failure goes back to the command, which reports it
         try:
             pickle.loads(pickle.dumps(err))
@@ -68,6 +72,16 @@ def _write_subsets(connection) -> None:
         connection.send(err)
         return
     connection.send(None)
+
+
+def _samples_written(output_dir: str) -> int:
+    """How many samples the chunk index in ``output_dir`` lists (none without an index)."""
+    fs = get_filesystem(output_dir)
+    index = str(path_join(output_dir, "index.json"))
+    if not fs.exists(index):
+        return 0
+    with fs.open(index, "r") as f:
+        return sum(chunk["chunk_size"] for chunk in json.load(f)["chunks"])
 
 
 @contextlib.contextmanager
@@ -145,10 +159,15 @@ def optimize_folder(root: Path, output: str, val_split: float = 0.2, seed: int =
             counts[subset] = len(pairs)
     try:
         _write_in_helper(jobs)
-    except KeyboardInterrupt:
+    except BaseException as failure:  # interrupted or failed: the output was empty or absent, and is so again
         if fs.exists(output):
-            fs.rm(str(output), recursive=True)  # it was empty or absent: nothing of the user's is removed
-        raise KeyboardInterrupt(f"the partial chunks in {output} were removed; run the same command again") from None
+            fs.rm(str(output), recursive=True)
+        removed = f"the partial chunks in {output} were removed; run the same command again"
+        if isinstance(failure, KeyboardInterrupt):
+            raise KeyboardInterrupt(removed) from None
+        if isinstance(failure, DataError):
+            raise DataError(f"{failure}; {removed}") from None
+        raise
     write_file(path_join(output, "class_indices.json"), class_indices_json(split.class_names))
     write_file(path_join(output, "split.csv"), split_csv(split))
     write_file(path_join(output, "skipped_files.csv"), file_list_csv(split.skipped))
