@@ -142,7 +142,7 @@ def kill_tree(pid: int) -> None:
 def tail(node: subprocess.Popen) -> str:
     """The end of a killed node's output (nothing more to read from one whose output was already read)."""
     try:
-        return (node.communicate(timeout=10)[0] or "")[-1500:]
+        return (node.communicate(timeout=10)[0] or "")[-6000:]
     except (ValueError, OSError, subprocess.TimeoutExpired):
         return ""
 
