@@ -250,17 +250,21 @@ def cli_main(args: list[str] | None = None, run: bool = True, guard: RunGuard | 
     # Commands built on LightningCLI (calibrate, cv) give it their arguments on purpose.
     warnings.filterwarnings("ignore", message=r"LightningCLI's args parameter")
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropTips())
-    return SedenseCLI(
-        ImageClassifier,
-        ImageFolderDataModule,
-        save_config_kwargs={"overwrite": True},
-        trainer_class=Trainer,  # Lightning's, with trainer.precision: auto
-        seed_everything_default=0,
-        auto_configure_optimizers=False,  # the optimiser and schedule are model options
-        trainer_defaults={"callbacks": [RunFiles(), guard or RunGuard(), *callbacks]},
-        parser_kwargs={"description": "sedense: train and run SE-DenseNet / DenseNet image classifiers."},
-        args=args,
-        run=run,
-    )
+    guard = guard or RunGuard()
+    try:
+        return SedenseCLI(
+            ImageClassifier,
+            ImageFolderDataModule,
+            save_config_kwargs={"overwrite": True},
+            trainer_class=Trainer,  # Lightning's, with trainer.precision: auto
+            seed_everything_default=0,
+            auto_configure_optimizers=False,  # the optimiser and schedule are model options
+            trainer_defaults={"callbacks": [RunFiles(), guard, *callbacks]},
+            parser_kwargs={"description": "sedense: train and run SE-DenseNet / DenseNet image classifiers."},
+            args=args,
+            run=run,
+        )
+    finally:
+        guard.release()
 
 

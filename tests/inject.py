@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import signal
+
 import lightning as L
 
 
@@ -61,3 +64,22 @@ class SlowFirstStep(L.Callback):
         if not self.done:
             self.done = True
             time.sleep(self.seconds)
+
+
+class CtrlCInFinaliser(L.Callback):
+    """Ctrl-C arriving while Python runs a finaliser (``__del__``), after training step ``step``: where Python's
+    own handler raises KeyboardInterrupt there, the exception is dropped ("Exception ignored in ...")."""
+
+    def __init__(self, step: int = 2) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            Finalised()  # dropped at once: its __del__ runs here
+
+
+class Finalised:
+    def __del__(self) -> None:
+        os.kill(os.getpid(), signal.SIGINT)
+        for _ in range(1000):  # Python runs the signal's handler here, inside the finaliser
+            pass

@@ -257,6 +257,23 @@ def test_ctrl_c_ends_training_with_130_after_the_last_good_checkpoint(tmp_path):
         assert written.stat().st_mode & 0o777 == 0o640  # the user's umask (027), not a fixed mode
 
 
+def test_a_ctrl_c_that_arrives_inside_a_finaliser_still_ends_training_with_130(tmp_path):
+    make_folder(tmp_path / "data", {"cardboard": 12, "glass": 12})
+    handler = signal.signal(signal.SIGINT, signal.default_int_handler)  # as at a terminal, however pytest started
+    try:
+        stopped = run_cli(["fit", *TINY, "--data.root", "data", "--trainer.max_epochs", "4",
+                           "--trainer.callbacks+=inject.CtrlCInFinaliser", "--trainer.callbacks.step=4"], tmp_path,
+                          check=False)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the run's handler is gone
+    finally:
+        signal.signal(signal.SIGINT, handler)
+    assert stopped.returncode == 130, stopped.stderr[-3000:]  # the exception was dropped: all 4 epochs ran
+    last = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    assert last_line(stopped.stderr) == f"sedense: interrupted; the last good checkpoint is {last}; resume with " \
+                                        "--ckpt_path last"
+    assert torch.load(last, weights_only=True)["global_step"] < 4 * 3
+
+
 def test_ctrl_c_during_optimize_ends_with_130_and_leaves_nothing_in_the_way_of_the_same_command(tmp_path):
     pytest.importorskip("litdata")
     psutil = pytest.importorskip("psutil")

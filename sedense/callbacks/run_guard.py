@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 import shutil
+import signal
+import threading
 from pathlib import Path
 
 import lightning as L
@@ -28,13 +30,42 @@ class RunGuard(L.Callback):
         self.interrupted = False
         self.note: str | None = None
         self.started = False  # whether a batch of any stage ran
+        self.ctrl_c = False  # a Ctrl-C came: the next batch of any stage raises KeyboardInterrupt
+        self.previous_handler = None  # SIGINT's handler before the run's, while the run's is in place
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if trainer.is_global_zero:
             self.folder = run_dir(trainer)
+        self.hold_ctrl_c()
+
+    def hold_ctrl_c(self) -> None:
+        """Take Ctrl-C as a request to stop at the next batch, for as long as the run lasts (:meth:`release`).
+
+        Python's own handler raises KeyboardInterrupt wherever the main thread is, and where that is a finaliser
+        (``__del__``) or C code that clears errors, the exception is dropped and the run goes on. This handler
+        only notes the request, which cannot be dropped; the next batch raises KeyboardInterrupt from here. A
+        second Ctrl-C gets the handler from before, which interrupts at once (a step that never ends). Another
+        handler (ignored, a notebook kernel's) is left as it is.
+        """
+        main = threading.current_thread() is threading.main_thread()
+        if main and self.previous_handler is None and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            self.previous_handler = signal.signal(signal.SIGINT, self._on_ctrl_c)
+
+    def _on_ctrl_c(self, signum, frame) -> None:
+        self.ctrl_c = True
+        signal.signal(signal.SIGINT, self.previous_handler)
+
+    def release(self) -> None:
+        """Put back SIGINT's handler from before the run (Lightning's teardown restores the run's own)."""
+        if self.previous_handler is not None:
+            signal.signal(signal.SIGINT, self.previous_handler)
+            self.previous_handler = None
 
     def _started(self, *args) -> None:
         self.started = True
+        if self.ctrl_c:
+            self.ctrl_c = False
+            raise KeyboardInterrupt
 
     on_train_batch_start = on_validation_batch_start = on_test_batch_start = on_predict_batch_start = _started
 
