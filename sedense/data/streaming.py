@@ -123,8 +123,7 @@ def _write_in_helper(jobs: list) -> None:
             outcome = connection.recv()
         except (EOFError, BrokenPipeError):  # the helper ended without a word: killed
             helper.join()
-            raise DataError(f"the chunk writer process ended with exit code {helper.exitcode}; "
-                            "run the same command again with an empty --output") from None
+            raise DataError(f"the chunk writer process ended with exit code {helper.exitcode}") from None
         helper.join()
     except KeyboardInterrupt:
         if helper.pid is not None:
