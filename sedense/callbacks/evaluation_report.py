@@ -12,12 +12,13 @@ from sedense.runs import path_join, run_dir, write_file
 
 def write_matrix(folder, matrix, names, stem: str, title: str, picture: bool = True) -> list:
     """The matrix as ``<stem>.csv`` and (with ``picture``) ``<stem>.png`` in ``folder``."""
-    written = [path_join(folder, f"{stem}.csv")]
-    write_file(written[0], reports.matrix_csv(matrix, names))
-    if picture:
-        written.insert(0, path_join(folder, f"{stem}.png"))
-        write_file(written[0], reports.png_bytes(reports.render(reports.confusion_figure(matrix, names, title))))
-    return written
+    table = path_join(folder, f"{stem}.csv")
+    write_file(table, reports.matrix_csv(matrix, names))
+    if not picture:
+        return [table]
+    png = path_join(folder, f"{stem}.png")
+    write_file(png, reports.png_bytes(reports.render(reports.confusion_figure(matrix, names, title))))
+    return [png, table]
 
 
 class EvaluationReport:
